@@ -1,0 +1,1 @@
+//! The gRPC contract between CLI, coordinator and workers (package `moetrain.v1`).

@@ -1,0 +1,1 @@
+//! The worker daemon: registers with the coordinator, heartbeats, receives assignments.
