@@ -2,6 +2,7 @@
 //! `Args` (clap) and `run(args) -> anyhow::Result<ExitCode>`.
 
 mod cmd;
+mod telemetry;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -16,11 +17,48 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     // Subcommands are added here, one line each, by the module that implements them.
+    /// Print a pipeline schedule (compact, JSON with transfers, or an SVG timeline).
+    Schedule(cmd::schedule::Args),
+    /// Plan a job: placement, schedules, per-rank memory and bubble side by side.
+    Plan(cmd::plan::Args),
+    /// Run the coordinator: accepts jobs, schedules them onto workers, watches liveness.
+    Coordinator(cmd::coordinator::Args),
+    /// Run a worker daemon that offers devices to a coordinator.
+    Worker(cmd::worker::Args),
+    /// Submit a TrainingJob manifest.
+    Submit(cmd::submit::Args),
+    /// List jobs or workers.
+    Get(cmd::get::Args),
+    /// Show one job in detail: transitions, placement, events.
+    Describe(cmd::describe::Args),
+    /// Cancel a job and free its workers.
+    Cancel(cmd::cancel::Args),
+    /// Train a job; `--single` runs the whole model in this process.
+    Train(cmd::train::Args),
+    /// FP8 tools: `fp8 quantize` shows what E4M3 fine-grained quantization does to a safetensors file.
+    Fp8(cmd::fp8::Args),
+    /// One fp32 forward/backward of a model directory, dumped in the golden files' layout.
+    Step(cmd::step::Args),
+    /// Forward-only evaluation of a model directory on a token array.
+    Eval(cmd::eval::Args),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let res: anyhow::Result<ExitCode> = match cli.command {};
+    let res: anyhow::Result<ExitCode> = match cli.command {
+        Command::Schedule(args) => cmd::schedule::run(args),
+        Command::Step(args) => cmd::step::run(args),
+        Command::Eval(args) => cmd::eval::run(args),
+        Command::Plan(args) => cmd::plan::run(args),
+        Command::Coordinator(args) => cmd::coordinator::run(args),
+        Command::Worker(args) => cmd::worker::run(args),
+        Command::Submit(args) => cmd::submit::run(args),
+        Command::Get(args) => cmd::get::run(args),
+        Command::Describe(args) => cmd::describe::run(args),
+        Command::Cancel(args) => cmd::cancel::run(args),
+        Command::Train(args) => cmd::train::run(args),
+        Command::Fp8(args) => cmd::fp8::run(args),
+    };
     match res {
         Ok(code) => code,
         Err(err) => {

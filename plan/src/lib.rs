@@ -3,3 +3,13 @@
 //!
 //! Invariant: no IO, no clock, no async, no serde. Everything here is a function of its arguments,
 //! so the coordinator, the planner CLI and the tests can all call it and get the same answer.
+
+pub mod schedule;
+
+pub mod ids;
+pub mod parallel;
+pub mod placement;
+pub mod topology;
+pub mod sim;
+pub mod svg;
+pub mod memory;

@@ -1,0 +1,814 @@
+//! Unit tests of every core decision, on hand-built state with explicit `now` (no network, no
+//! clock, no store).
+
+use super::*;
+use crate::Config;
+
+const T0: UnixMs = 1_000_000;
+
+fn spec(name: &str, pipeline: u32, data: u32, expert: u32, schedule: &str) -> pb::JobSpec {
+    pb::JobSpec {
+        name: name.into(),
+        pipeline,
+        data,
+        expert,
+        schedule: schedule.into(),
+        micro_batches: 2 * pipeline,
+        steps: 10,
+        n_routed_experts: 8,
+        n_group: 4,
+        device_kind: pb::DeviceKind::Cpu as i32,
+        heartbeat_interval_ms: 0,
+        failure_timeout_ms: 0,
+    }
+}
+
+fn submit(core: &mut Core, spec: pb::JobSpec, now: UnixMs) -> Vec<Action> {
+    core.handle(
+        Event::Submit(Box::new(Submission {
+            spec,
+            manifest_yaml: "apiVersion: moetrain/v1".into(),
+            overrides: vec![],
+            origin: "test.yaml".into(),
+        })),
+        now,
+    )
+    .expect("submit")
+}
+
+fn register_kind(
+    core: &mut Core,
+    id: &str,
+    node: &str,
+    index: u32,
+    kind: pb::DeviceKind,
+    now: UnixMs,
+) -> Vec<Action> {
+    core.handle(
+        Event::Register {
+            reg: Registration {
+                worker_id: id.into(),
+                node: node.into(),
+                devices: vec![pb::Device {
+                    kind: kind as i32,
+                    index,
+                    memory_bytes: 1 << 30,
+                }],
+                data_plane_addr: format!("127.0.0.1:{}", 9000 + index),
+            },
+            session: 1,
+        },
+        now,
+    )
+    .expect("register")
+}
+
+fn register(core: &mut Core, id: &str, node: &str, index: u32, now: UnixMs) -> Vec<Action> {
+    register_kind(core, id, node, index, pb::DeviceKind::Cpu, now)
+}
+
+/// Registers `nodes × per_node` workers named `n{node}-d{device}`.
+fn cluster(core: &mut Core, nodes: u32, per_node: u32, now: UnixMs) -> Vec<Action> {
+    let mut actions = Vec::new();
+    for n in 0..nodes {
+        for d in 0..per_node {
+            actions.extend(register(
+                core,
+                &format!("n{n}-d{d}"),
+                &format!("n{n}"),
+                d,
+                now,
+            ));
+        }
+    }
+    actions
+}
+
+fn phase(core: &Core, job: &str) -> pb::JobPhase {
+    core.state.jobs[job].phase()
+}
+
+fn last_reason(core: &Core, job: &str) -> String {
+    core.state.jobs[job]
+        .stored
+        .transitions
+        .last()
+        .map(|t| t.reason.clone())
+        .unwrap_or_default()
+}
+
+fn event_kinds(core: &Core, job: &str) -> Vec<String> {
+    core.state.jobs[job]
+        .events
+        .iter()
+        .map(|e| e.kind.clone())
+        .collect()
+}
+
+fn sends(actions: &[Action]) -> Vec<(String, pb::coordinator_message::Msg)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Send { worker, msg } => msg.msg.clone().map(|m| (worker.clone(), m)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn assignments(actions: &[Action]) -> Vec<(String, pb::Assignment)> {
+    sends(actions)
+        .into_iter()
+        .filter_map(|(w, m)| match m {
+            pb::coordinator_message::Msg::Assignment(a) => Some((w, a)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn ready_all(core: &mut Core, job: &str, now: UnixMs) -> Vec<Action> {
+    let held: Vec<(String, u32)> = core
+        .state
+        .workers
+        .iter()
+        .flat_map(|(id, w)| {
+            w.stored
+                .held
+                .iter()
+                .filter(|h| h.job == job)
+                .map(|h| (id.clone(), h.rank))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let mut actions = Vec::new();
+    for (worker, rank) in held {
+        actions.extend(
+            core.handle(
+                Event::Ack {
+                    worker,
+                    job: job.into(),
+                    rank,
+                    ready: true,
+                    reason: String::new(),
+                },
+                now,
+            )
+            .expect("ack"),
+        );
+    }
+    actions
+}
+
+#[test]
+fn submit_starts_pending_with_a_stored_transition() {
+    let mut core = Core::new(Config::default());
+    let actions = submit(&mut core, spec("a", 2, 2, 2, "dualpipe"), T0);
+    assert_eq!(phase(&core, "a"), pb::JobPhase::Pending);
+    let t = &core.state.jobs["a"].stored.transitions[0];
+    assert_eq!(
+        (t.from, t.to, t.unix_ms, t.reason.as_str()),
+        (0, pb::JobPhase::Pending as i32, T0, "submitted")
+    );
+    assert!(
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::PutJob(j) if j.spec.as_ref().unwrap().name == "a"))
+    );
+}
+
+#[test]
+fn duplicate_and_invalid_submissions_are_refused() {
+    let mut core = Core::new(Config::default());
+    submit(&mut core, spec("a", 2, 2, 2, "dualpipe"), T0);
+    let dup = Event::Submit(Box::new(Submission {
+        spec: spec("a", 2, 2, 2, "dualpipe"),
+        manifest_yaml: String::new(),
+        overrides: vec![],
+        origin: String::new(),
+    }));
+    assert_eq!(core.handle(dup, T0), Err(CoreError::JobExists("a".into())));
+    let mut bad = spec("b", 2, 3, 2, "dualpipe");
+    bad.n_routed_experts = 8;
+    let err = core
+        .handle(
+            Event::Submit(Box::new(Submission {
+                spec: bad,
+                manifest_yaml: String::new(),
+                overrides: vec![],
+                origin: String::new(),
+            })),
+            T0,
+        )
+        .unwrap_err();
+    assert!(
+        matches!(err, CoreError::Invalid(ref m) if m.contains("expert")),
+        "{err}"
+    );
+}
+
+#[test]
+fn gang_scheduling_waits_for_every_device_then_places_all_ranks_at_once() {
+    let mut core = Core::new(Config::default());
+    submit(&mut core, spec("a", 2, 2, 2, "dualpipe"), T0);
+    let actions = cluster(&mut core, 1, 3, T0);
+    assert!(
+        assignments(&actions).is_empty(),
+        "no rank may be placed before the whole gang fits"
+    );
+    assert_eq!(phase(&core, "a"), pb::JobPhase::Pending);
+    assert_eq!(
+        core.state.jobs["a"].stored.wait_reason,
+        "not enough free devices: needs 4 free cpu devices for all ranks at once, 3 free"
+    );
+    let actions = register(&mut core, "n0-d3", "n0", 3, T0 + 10);
+    let placed = assignments(&actions);
+    assert_eq!(placed.len(), 4);
+    assert_eq!(phase(&core, "a"), pb::JobPhase::Scheduled);
+    assert_eq!(
+        last_reason(&core, "a"),
+        "gang-scheduled: 4 ranks placed on 4 free cpu devices in 1 nodes"
+    );
+    let placement = core.state.jobs["a"].stored.placement.clone().unwrap();
+    let ranks: Vec<u32> = placement.ranks.iter().map(|r| r.rank).collect();
+    assert_eq!(ranks, vec![0, 1, 2, 3]);
+    let devices: BTreeSet<(String, u32)> = placement
+        .ranks
+        .iter()
+        .map(|r| (r.node.clone(), r.device_index))
+        .collect();
+    assert_eq!(devices.len(), 4, "no device holds two ranks");
+    // DualPipe rank r holds stages r and P-1-r.
+    assert_eq!(placement.ranks[0].stages, vec![0, 1]);
+    assert_eq!(placement.ranks[2].stages, vec![1, 0]);
+    assert!(placement.reasons.iter().any(|r| r.starts_with("layout:")));
+    for (worker, a) in &placed {
+        assert_eq!(a.peers.len(), 4);
+        assert_eq!(&a.peers[a.rank as usize].worker_id, worker);
+        assert!(
+            core.state.workers[worker]
+                .stored
+                .held
+                .iter()
+                .any(|h| h.job == "a" && h.rank == a.rank)
+        );
+    }
+    assert_eq!(
+        event_kinds(&core, "a"),
+        vec!["Submitted", "Waiting", "Placed"]
+    );
+}
+
+#[test]
+fn a_waiting_job_records_its_reason_only_when_it_changes() {
+    let mut core = Core::new(Config::default());
+    submit(&mut core, spec("a", 2, 2, 2, "dualpipe"), T0);
+    core.handle(Event::Tick, T0 + 1).unwrap();
+    core.handle(Event::Tick, T0 + 2).unwrap();
+    assert_eq!(event_kinds(&core, "a"), vec!["Submitted", "Waiting"]);
+    register(&mut core, "w", "n0", 0, T0 + 3);
+    assert_eq!(
+        event_kinds(&core, "a"),
+        vec!["Submitted", "Waiting"],
+        "same cause, new count"
+    );
+    assert!(core.state.jobs["a"].events[1].message.ends_with("0 free"));
+    assert!(core.state.jobs["a"].stored.wait_reason.ends_with("1 free"));
+}
+
+#[test]
+fn jobs_are_served_in_submission_order_and_later_small_jobs_backfill() {
+    let mut core = Core::new(Config::default());
+    submit(&mut core, spec("big", 4, 2, 2, "dualpipe"), T0);
+    submit(&mut core, spec("first", 2, 1, 1, "1f1b"), T0 + 1);
+    submit(&mut core, spec("second", 2, 1, 1, "1f1b"), T0 + 2);
+    cluster(&mut core, 1, 3, T0 + 3);
+    assert_eq!(phase(&core, "big"), pb::JobPhase::Pending);
+    assert_eq!(phase(&core, "first"), pb::JobPhase::Scheduled);
+    assert_eq!(phase(&core, "second"), pb::JobPhase::Pending);
+    assert_eq!(
+        core.state.jobs["second"].stored.wait_reason,
+        "not enough free devices: needs 2 free cpu devices for all ranks at once, 1 free"
+    );
+}
+
+#[test]
+fn only_devices_of_the_jobs_kind_count() {
+    let mut core = Core::new(Config::default());
+    let mut s = spec("sim", 2, 1, 1, "1f1b");
+    s.device_kind = pb::DeviceKind::Simulated as i32;
+    submit(&mut core, s, T0);
+    cluster(&mut core, 1, 2, T0);
+    assert_eq!(phase(&core, "sim"), pb::JobPhase::Pending);
+    register_kind(&mut core, "s0", "n9", 0, pb::DeviceKind::Simulated, T0);
+    register_kind(&mut core, "s1", "n9", 1, pb::DeviceKind::Simulated, T0);
+    assert_eq!(phase(&core, "sim"), pb::JobPhase::Scheduled);
+    let placed: BTreeSet<String> = core.state.jobs["sim"]
+        .stored
+        .placement
+        .as_ref()
+        .unwrap()
+        .ranks
+        .iter()
+        .map(|r| r.worker_id.clone())
+        .collect();
+    assert_eq!(placed, BTreeSet::from(["s0".to_string(), "s1".to_string()]));
+}
+
+#[test]
+fn disconnected_and_lost_workers_offer_no_devices() {
+    let mut core = Core::new(Config::default());
+    cluster(&mut core, 1, 2, T0);
+    core.handle(
+        Event::Disconnected {
+            worker: "n0-d1".into(),
+            session: 1,
+        },
+        T0,
+    )
+    .unwrap();
+    submit(&mut core, spec("a", 2, 1, 1, "1f1b"), T0);
+    assert_eq!(phase(&core, "a"), pb::JobPhase::Pending);
+    // A disconnect of an older session does not affect the current one.
+    register(&mut core, "n0-d1", "n0", 1, T0 + 1);
+    core.state.workers.get_mut("n0-d1").unwrap().session = 2;
+    core.handle(
+        Event::Disconnected {
+            worker: "n0-d1".into(),
+            session: 1,
+        },
+        T0 + 1,
+    )
+    .unwrap();
+    assert!(core.state.workers["n0-d1"].connected);
+}
+
+#[test]
+fn the_job_runs_when_every_rank_is_ready() {
+    let mut core = Core::new(Config::default());
+    submit(&mut core, spec("a", 2, 2, 2, "dualpipe"), T0);
+    cluster(&mut core, 2, 2, T0);
+    let held: Vec<(String, u32)> = core
+        .state
+        .workers
+        .iter()
+        .map(|(id, w)| (id.clone(), w.stored.held[0].rank))
+        .collect();
+    for (i, (worker, rank)) in held.iter().enumerate() {
+        assert_eq!(
+            phase(&core, "a"),
+            pb::JobPhase::Scheduled,
+            "not all ready after {i}"
+        );
+        core.handle(
+            Event::Ack {
+                worker: worker.clone(),
+                job: "a".into(),
+                rank: *rank,
+                ready: true,
+                reason: String::new(),
+            },
+            T0 + 5,
+        )
+        .unwrap();
+    }
+    assert_eq!(phase(&core, "a"), pb::JobPhase::Running);
+    assert_eq!(last_reason(&core, "a"), "all 4 ranks reported ready");
+    // A repeated ack (after a resend) changes nothing.
+    let (worker, rank) = held[0].clone();
+    core.handle(
+        Event::Ack {
+            worker,
+            job: "a".into(),
+            rank,
+            ready: true,
+            reason: String::new(),
+        },
+        T0 + 6,
+    )
+    .unwrap();
+    assert_eq!(core.state.jobs["a"].stored.transitions.len(), 3);
+}
+
+#[test]
+fn an_ack_for_a_rank_the_worker_does_not_hold_is_refused() {
+    let mut core = Core::new(Config::default());
+    submit(&mut core, spec("a", 2, 1, 1, "1f1b"), T0);
+    cluster(&mut core, 1, 3, T0);
+    let idle = core
+        .state
+        .workers
+        .iter()
+        .find(|(_, w)| w.stored.held.is_empty())
+        .map(|(id, _)| id.clone())
+        .unwrap();
+    let err = core
+        .handle(
+            Event::Ack {
+                worker: idle.clone(),
+                job: "a".into(),
+                rank: 0,
+                ready: true,
+                reason: String::new(),
+            },
+            T0,
+        )
+        .unwrap_err();
+    assert_eq!(
+        err,
+        CoreError::NotHeld {
+            worker: idle,
+            job: "a".into(),
+            rank: 0
+        }
+    );
+}
+
+#[test]
+fn a_rejected_assignment_fails_the_job_and_stops_the_other_ranks() {
+    let mut core = Core::new(Config::default());
+    submit(&mut core, spec("a", 2, 1, 1, "1f1b"), T0);
+    cluster(&mut core, 1, 2, T0);
+    let actions = core
+        .handle(
+            Event::Ack {
+                worker: "n0-d0".into(),
+                job: "a".into(),
+                rank: core.state.workers["n0-d0"].stored.held[0].rank,
+                ready: false,
+                reason: "no memory".into(),
+            },
+            T0 + 1,
+        )
+        .unwrap();
+    assert_eq!(phase(&core, "a"), pb::JobPhase::Failed);
+    assert!(
+        last_reason(&core, "a").ends_with("rejected its assignment on worker n0-d0: no memory")
+    );
+    let stops: Vec<String> = sends(&actions).into_iter().filter(|(_, m)| matches!(m, pb::coordinator_message::Msg::Command(c) if c.kind == pb::CommandKind::Stop as i32)).map(|(w, _)| w).collect();
+    assert_eq!(stops, vec!["n0-d0", "n0-d1"]);
+    assert!(
+        core.state
+            .workers
+            .values()
+            .all(|w| w.stored.held.is_empty())
+    );
+}
+
+#[test]
+fn cancel_frees_every_worker_and_is_refused_twice() {
+    let mut core = Core::new(Config::default());
+    submit(&mut core, spec("a", 2, 2, 2, "dualpipe"), T0);
+    cluster(&mut core, 1, 4, T0);
+    ready_all(&mut core, "a", T0 + 1);
+    let actions = core
+        .handle(
+            Event::Cancel {
+                job: "a".into(),
+                reason: String::new(),
+            },
+            T0 + 2,
+        )
+        .unwrap();
+    assert_eq!(phase(&core, "a"), pb::JobPhase::Cancelled);
+    assert_eq!(last_reason(&core, "a"), "cancelled by user");
+    let cancels = sends(&actions).into_iter().filter(|(_, m)| matches!(m, pb::coordinator_message::Msg::Command(c) if c.kind == pb::CommandKind::Cancel as i32)).count();
+    assert_eq!(cancels, 4);
+    assert!(actions.contains(&Action::DeleteAssignments { job: "a".into() }));
+    assert!(
+        core.state
+            .workers
+            .values()
+            .all(|w| w.stored.held.is_empty())
+    );
+    assert!(core.state.assignments.is_empty());
+    assert_eq!(
+        core.handle(
+            Event::Cancel {
+                job: "a".into(),
+                reason: String::new()
+            },
+            T0 + 3
+        ),
+        Err(CoreError::JobEnded {
+            job: "a".into(),
+            phase: "Cancelled"
+        })
+    );
+    assert_eq!(
+        core.handle(
+            Event::Cancel {
+                job: "zz".into(),
+                reason: String::new()
+            },
+            T0
+        ),
+        Err(CoreError::UnknownJob("zz".into()))
+    );
+    // Freed workers take the next job at once.
+    submit(&mut core, spec("b", 2, 2, 2, "dualpipe"), T0 + 4);
+    assert_eq!(phase(&core, "b"), pb::JobPhase::Scheduled);
+}
+
+#[test]
+fn liveness_is_a_pure_function_of_state_time_and_config() {
+    let mut state = State::default();
+    state.workers.insert(
+        "w".into(),
+        WorkerEntry {
+            stored: pb::StoredWorker {
+                worker_id: "w".into(),
+                ..Default::default()
+            },
+            last_seen: T0,
+            connected: true,
+            session: 1,
+        },
+    );
+    let config = Config::default();
+    let at = |now| liveness(&state, now, &config);
+    assert_eq!(at(T0 + 5000)[0].verdict, Verdict::Alive);
+    assert_eq!(
+        at(T0 + 5000)[0].reason,
+        "last heard 5.0s ago, failure timeout 5.0s"
+    );
+    assert_eq!(at(T0 + 5001)[0].verdict, Verdict::Lost);
+    assert_eq!(
+        at(T0 + 5200)[0].reason,
+        "silent for 5.2s, failure timeout 5.0s"
+    );
+    // A job's manifest may ask for a shorter timeout for the workers holding its ranks.
+    let mut job = JobEntry::default();
+    job.stored.spec = Some(pb::JobSpec {
+        failure_timeout_ms: 2000,
+        ..Default::default()
+    });
+    state.jobs.insert("j".into(), job);
+    state
+        .workers
+        .get_mut("w")
+        .unwrap()
+        .stored
+        .held
+        .push(pb::HeldRank {
+            job: "j".into(),
+            rank: 0,
+            device_index: 0,
+        });
+    state.workers.get_mut("w").unwrap().connected = false;
+    let v = liveness(&state, T0 + 2500, &config);
+    assert_eq!(
+        (v[0].verdict, v[0].reason.as_str()),
+        (
+            Verdict::Lost,
+            "silent for 2.5s, failure timeout 2.0s, session closed"
+        )
+    );
+    // Lost workers get no further verdicts.
+    state.workers.get_mut("w").unwrap().stored.lost = true;
+    assert!(liveness(&state, T0 + 9000, &config).is_empty());
+}
+
+#[test]
+fn a_silent_worker_is_lost_and_its_job_fails_with_the_reason() {
+    let mut core = Core::new(Config::default());
+    submit(&mut core, spec("a", 2, 2, 2, "dualpipe"), T0);
+    cluster(&mut core, 1, 4, T0);
+    ready_all(&mut core, "a", T0);
+    // Everyone but n0-d2 keeps heartbeating.
+    for t in [T0 + 2000, T0 + 4000, T0 + 6000] {
+        for w in ["n0-d0", "n0-d1", "n0-d3"] {
+            core.heartbeat(w, t).unwrap();
+        }
+        core.handle(Event::Tick, t).unwrap();
+    }
+    assert_eq!(phase(&core, "a"), pb::JobPhase::Failed);
+    let rank = core.state.jobs["a"]
+        .stored
+        .placement
+        .as_ref()
+        .unwrap()
+        .ranks
+        .iter()
+        .find(|r| r.worker_id == "n0-d2")
+        .unwrap()
+        .rank;
+    assert_eq!(
+        last_reason(&core, "a"),
+        format!("worker n0-d2 (rank {rank}) lost: silent for 6.0s, failure timeout 5.0s")
+    );
+    assert!(event_kinds(&core, "a").contains(&"WorkerLost".to_string()));
+    let w = &core.state.workers["n0-d2"];
+    assert!(w.stored.lost && w.stored.held.is_empty());
+    assert_eq!(
+        w.stored.reason,
+        "lost: silent for 6.0s, failure timeout 5.0s"
+    );
+    assert!(
+        core.state
+            .workers
+            .values()
+            .all(|w| w.stored.held.is_empty())
+    );
+    // The lost worker comes back by registering again, and offers its device again.
+    register(&mut core, "n0-d2", "n0", 2, T0 + 7000);
+    assert!(!core.state.workers["n0-d2"].stored.lost);
+}
+
+#[test]
+fn a_reconnecting_worker_resumes_and_gets_its_assignments_again() {
+    let mut core = Core::new(Config::default());
+    submit(&mut core, spec("a", 2, 1, 1, "1f1b"), T0);
+    cluster(&mut core, 1, 2, T0);
+    core.handle(
+        Event::Disconnected {
+            worker: "n0-d0".into(),
+            session: 1,
+        },
+        T0 + 100,
+    )
+    .unwrap();
+    let actions = register(&mut core, "n0-d0", "n0", 0, T0 + 200);
+    let msgs = sends(&actions);
+    assert!(
+        matches!(&msgs[0], (w, pb::coordinator_message::Msg::Registered(r)) if w == "n0-d0" && r.resumed && r.failure_timeout_ms == 5000)
+    );
+    assert_eq!(assignments(&actions).len(), 1);
+    assert_eq!(core.state.workers["n0-d0"].stored.registered_unix_ms, T0);
+    assert_eq!(phase(&core, "a"), pb::JobPhase::Scheduled);
+    assert!(event_kinds(&core, "a").contains(&"WorkerResumed".to_string()));
+}
+
+#[test]
+fn ranks_finishing_end_the_job_succeeded_or_failed() {
+    let mut core = Core::new(Config::default());
+    submit(&mut core, spec("a", 2, 1, 1, "1f1b"), T0);
+    submit(&mut core, spec("b", 2, 1, 1, "1f1b"), T0);
+    cluster(&mut core, 1, 4, T0);
+    let holder = |core: &Core, job: &str, rank: u32| {
+        core.state
+            .workers
+            .iter()
+            .find(|(_, w)| w.stored.held.iter().any(|h| h.job == job && h.rank == rank))
+            .map(|(id, _)| id.clone())
+            .unwrap()
+    };
+    for rank in 0..2 {
+        let worker = holder(&core, "a", rank);
+        core.handle(
+            Event::RankFinished {
+                worker,
+                job: "a".into(),
+                rank,
+                ok: true,
+                reason: String::new(),
+            },
+            T0 + 1,
+        )
+        .unwrap();
+    }
+    assert_eq!(phase(&core, "a"), pb::JobPhase::Succeeded);
+    assert_eq!(last_reason(&core, "a"), "all 2 ranks finished");
+    let worker = holder(&core, "b", 1);
+    core.handle(
+        Event::RankFinished {
+            worker: worker.clone(),
+            job: "b".into(),
+            rank: 1,
+            ok: false,
+            reason: "recv timed out".into(),
+        },
+        T0 + 2,
+    )
+    .unwrap();
+    assert_eq!(phase(&core, "b"), pb::JobPhase::Failed);
+    assert_eq!(
+        last_reason(&core, "b"),
+        format!("rank 1 failed on worker {worker}: recv timed out")
+    );
+}
+
+#[test]
+fn step_reports_move_progress_when_every_rank_has_reported() {
+    let mut core = Core::new(Config::default());
+    submit(&mut core, spec("a", 2, 1, 1, "1f1b"), T0);
+    cluster(&mut core, 1, 2, T0);
+    let report = |rank: u32, step: u64| pb::StepReport {
+        job: "a".into(),
+        rank,
+        step,
+        tokens: 100,
+        step_seconds: 0.5,
+        losses: vec![pb::LossTerm {
+            name: "lm".into(),
+            value: 2.5,
+        }],
+        ..Default::default()
+    };
+    let w0 = core.state.jobs["a"]
+        .stored
+        .placement
+        .as_ref()
+        .unwrap()
+        .ranks[0]
+        .worker_id
+        .clone();
+    let w1 = core.state.jobs["a"]
+        .stored
+        .placement
+        .as_ref()
+        .unwrap()
+        .ranks[1]
+        .worker_id
+        .clone();
+    core.handle(
+        Event::StepReport {
+            worker: w0.clone(),
+            report: Box::new(report(0, 1)),
+        },
+        T0 + 1,
+    )
+    .unwrap();
+    assert_eq!(core.state.jobs["a"].stored.progress.unwrap().step, 0);
+    core.handle(
+        Event::StepReport {
+            worker: w1,
+            report: Box::new(report(1, 1)),
+        },
+        T0 + 2,
+    )
+    .unwrap();
+    let p = core.state.jobs["a"].stored.progress.unwrap();
+    assert_eq!(
+        (p.step, p.tokens, p.loss, p.tokens_per_second),
+        (1, 200, 2.5, 200.0)
+    );
+}
+
+#[test]
+fn registrations_with_duplicate_devices_or_empty_ids_are_refused() {
+    let mut core = Core::new(Config::default());
+    let reg = |id: &str, devices: Vec<pb::Device>| Event::Register {
+        reg: Registration {
+            worker_id: id.into(),
+            node: "n".into(),
+            devices,
+            data_plane_addr: String::new(),
+        },
+        session: 1,
+    };
+    let cpu = |index| pb::Device {
+        kind: pb::DeviceKind::Cpu as i32,
+        index,
+        memory_bytes: 0,
+    };
+    assert_eq!(
+        core.handle(reg("w", vec![cpu(0), cpu(0)]), T0),
+        Err(CoreError::Invalid(
+            "register w: device index 0 listed twice".into()
+        ))
+    );
+    assert!(core.handle(reg("", vec![cpu(0)]), T0).is_err());
+    let unspecified = pb::Device {
+        kind: 0,
+        index: 0,
+        memory_bytes: 0,
+    };
+    assert!(core.handle(reg("w", vec![unspecified]), T0).is_err());
+}
+
+#[test]
+fn a_restored_core_has_every_job_and_gives_workers_one_timeout_to_reconnect() {
+    let mut core = Core::new(Config::default());
+    submit(&mut core, spec("a", 2, 1, 1, "1f1b"), T0);
+    cluster(&mut core, 1, 2, T0);
+    ready_all(&mut core, "a", T0);
+    let state = core.state.clone();
+    let snapshot = Snapshot {
+        jobs: state.jobs.values().map(|j| j.stored.clone()).collect(),
+        workers: state.workers.values().map(|w| w.stored.clone()).collect(),
+        assignments: state.assignments.values().cloned().collect(),
+        events: state
+            .jobs
+            .iter()
+            .map(|(n, j)| (n.clone(), j.events.clone()))
+            .collect(),
+    };
+    let later = T0 + 60_000;
+    let mut restored = Core::restore(Config::default(), snapshot, later);
+    assert_eq!(phase(&restored, "a"), pb::JobPhase::Running);
+    assert_eq!(restored.state.jobs["a"].events, state.jobs["a"].events);
+    assert!(
+        restored
+            .state
+            .workers
+            .values()
+            .all(|w| !w.connected && w.last_seen == later)
+    );
+    assert_eq!(restored.state.next_job_seq, 1);
+    // One worker reconnects in time; the other never does and the job fails after the timeout.
+    restored.handle(Event::Tick, later + 4000).unwrap();
+    let actions = register(&mut restored, "n0-d0", "n0", 0, later + 4500);
+    assert_eq!(assignments(&actions).len(), 1, "its rank is re-sent");
+    restored.handle(Event::Tick, later + 5100).unwrap();
+    assert_eq!(phase(&restored, "a"), pb::JobPhase::Failed);
+    assert!(last_reason(&restored, "a").contains("worker n0-d1"));
+}
