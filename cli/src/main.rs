@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "moetrain", version, about = "Train DeepSeek-V3-style MoE models on a cluster")]
+#[command(
+    name = "moetrain",
+    version,
+    about = "Train DeepSeek-V3-style MoE models on a cluster"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

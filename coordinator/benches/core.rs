@@ -75,7 +75,10 @@ fn bench(c: &mut Criterion) {
                     overrides: Vec::new(),
                     origin: String::new(),
                 };
-                black_box(core.handle(Event::Submit(Box::new(sub)), T0 + 1).expect("submit"))
+                black_box(
+                    core.handle(Event::Submit(Box::new(sub)), T0 + 1)
+                        .expect("submit"),
+                )
             },
             criterion::BatchSize::LargeInput,
         )

@@ -11,6 +11,7 @@
 //! - [`spec`]: manifest text to the job spec the core schedules.
 //! - [`Config`] and [`Error`].
 
+pub mod balance;
 pub mod config;
 pub mod core;
 mod error;

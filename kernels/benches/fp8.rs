@@ -3,8 +3,8 @@
 
 use criterion::{BenchmarkId, Criterion, Throughput};
 use kernels::fp8::{
-    Fp8Matrix, Fp8Tiling, ScaleFmt, fp8_matmul_dytx, fp8_matmul_dyw, fp8_matmul_xwt, quantize_act,
-    quantize_act_t, quantize_weight,
+    Fp8Matrix, Fp8Tiling, ScaleFmt, fp8_matmul_dytx, fp8_matmul_dyw, fp8_matmul_nt_promoted,
+    fp8_matmul_xwt, quantize_act, quantize_act_t, quantize_weight,
 };
 use kernels::{Accumulate, ExecCtx, matmul_xwt};
 
@@ -81,6 +81,12 @@ fn gemm(c: &mut Criterion) {
         });
         if m == n && n == k {
             // dgrad: dy [m,n] in 1×128 tiles times the same weight blocks; wgrad from 128×1 operands.
+            g.bench_function(BenchmarkId::new("fp8_promoted_xwt", &id), |b| {
+                b.iter(|| {
+                    fp8_matmul_nt_promoted(&ctx, &mut y, &xq, &wq, Accumulate::Overwrite)
+                        .expect("shapes")
+                })
+            });
             let mut dx = vec![0f32; m * k];
             let dyq = Fp8Matrix::new(&xc, &xs, m, n, Fp8Tiling::Row).expect("square");
             g.bench_function(BenchmarkId::new("fp8_dyw", &id), |b| {

@@ -480,7 +480,10 @@ mod tests {
         let mut rng = Rng::seeded("attention-simd");
         let x: Vec<f32> = rng.vec_f32(1000).iter().map(|v| v * 30.0).collect();
         let (mut a, mut b) = (x.clone(), x.clone());
-        assert_eq!(softmax_row(&mut a).to_bits(), softmax_row_impl(&mut b).to_bits());
+        assert_eq!(
+            softmax_row(&mut a).to_bits(),
+            softmax_row_impl(&mut b).to_bits()
+        );
         assert_eq!(a, b);
         let (mut a, mut b) = (x.clone(), x.clone());
         probs_row(&mut a, 3.0);

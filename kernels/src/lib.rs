@@ -21,8 +21,15 @@
 //! count, and each output element is produced by exactly one piece in a fixed order. Scatter-adds
 //! (embedding, MoE un-permute, weight-gradient reductions) run in index order on one thread. The `gemm`
 //! crate splits only the M and N dimensions across threads and blocks K by cache size, so a GEMM's bits do
-//! not depend on the thread budget either; `tests` check 1, 2 and 3 threads bit for bit for GEMM,
-//! attention and the FP8 GEMM.
+//! not depend on the thread budget either; the tests check 1, 2 and 3 threads bit for bit for GEMM,
+//! attention, the quantizers and the FP8 GEMM. Hot loops are compiled for the baseline, AVX2 and AVX-512
+//! and picked at run time; they perform the same IEEE operations, so the choice never changes bits (tested).
+//!
+//! # Memory
+//!
+//! The FP8 GEMM dequantizes its operands into per-calling-thread scratch that is kept between calls (it
+//! grows to the largest operands seen on that thread); attention holds one [64 × T] score block (two
+//! in the backward) per worker thread.
 //!
 //! # The `cuda` feature (design note; not implemented yet)
 //!

@@ -1,6 +1,6 @@
 //! Row-wise numeric ops the layers need that are simple enough to keep next to the model: RMSNorm,
 //! adjacent-pair RoPE, causal attention with a saved log-sum-exp, SwiGLU, sigmoid, cross-entropy and
-//! bf16 rounding. GEMMs come from `kernels`.
+//! bf16 rounding. GEMMs and the attention core come from `kernels`.
 //!
 //! Invariants: every op is generic over `kernels::Real` (f32 for training, f64 for finite-difference tests);
 //! every reduction runs in a fixed order that depends only on the shapes, so results are bitwise
@@ -11,7 +11,6 @@
 #![allow(clippy::too_many_arguments)]
 
 use kernels::{ExecCtx, Real};
-use rayon::prelude::*;
 
 /// RMSNorm forward. x [n, d], w [d] → y [n, d], rstd [n] = 1/sqrt(mean(x²) + eps).
 pub fn rmsnorm_forward<T: Real>(
@@ -145,8 +144,8 @@ pub struct AttnShape {
     pub dv: usize,
 }
 
-/// Causal attention forward. q, k [b·t, h, dqk], v [b·t, h, dv] → o [b·t, h, dv] and lse [b, h, t]
-/// (log-sum-exp of the scaled scores, for the backward). Softmax statistics in f64.
+/// Causal attention forward. q, k [b·t, h, dqk], v [b·t, h, dv] → o [b·t, h, dv] and lse [b·t, h]
+/// (log-sum-exp of the scaled scores, for the backward). One `kernels::attention_forward` call per sequence.
 pub fn attention_forward<T: Real>(
     ctx: &ExecCtx,
     o: &mut [T],
@@ -156,60 +155,29 @@ pub fn attention_forward<T: Real>(
     v: &[T],
     s: AttnShape,
     scale: f64,
-) {
+) -> crate::Result<()> {
     let AttnShape { b, t, h, dqk, dv } = s;
-    let jobs: Vec<(Vec<T>, Vec<T>)> = ctx.install(|| {
-        (0..b * h)
-            .into_par_iter()
-            .map(|bh| {
-                let (bi, hi) = (bh / h, bh % h);
-                let mut out = vec![T::ZERO; t * dv];
-                let mut l = vec![T::ZERO; t];
-                let mut sc = vec![0f64; t];
-                for i in 0..t {
-                    let qi = &q[((bi * t + i) * h + hi) * dqk..][..dqk];
-                    let mut m = f64::NEG_INFINITY;
-                    for j in 0..=i {
-                        let kj = &k[((bi * t + j) * h + hi) * dqk..][..dqk];
-                        let dot = dotf(qi, kj);
-                        sc[j] = dot * scale;
-                        m = m.max(sc[j]);
-                    }
-                    let mut sum = 0f64;
-                    for sj in sc.iter_mut().take(i + 1) {
-                        *sj = (*sj - m).exp();
-                        sum += *sj;
-                    }
-                    let oi = &mut out[i * dv..(i + 1) * dv];
-                    let mut acc = vec![0f64; dv];
-                    for (j, &pj) in sc.iter().enumerate().take(i + 1) {
-                        let vj = &v[((bi * t + j) * h + hi) * dv..][..dv];
-                        let p = pj / sum;
-                        for c in 0..dv {
-                            acc[c] += p * vj[c].to_f64();
-                        }
-                    }
-                    for c in 0..dv {
-                        oi[c] = T::from_f64(acc[c]);
-                    }
-                    l[i] = T::from_f64(m + sum.ln());
-                }
-                (out, l)
-            })
-            .collect()
-    });
-    for (bh, (out, l)) in jobs.into_iter().enumerate() {
-        let (bi, hi) = (bh / h, bh % h);
-        for i in 0..t {
-            o[((bi * t + i) * h + hi) * dv..][..dv].copy_from_slice(&out[i * dv..(i + 1) * dv]);
-        }
-        lse[bh * t..(bh + 1) * t].copy_from_slice(&l);
+    let (nq, nv) = (t * h * dqk, t * h * dv);
+    for bi in 0..b {
+        kernels::attention_forward(
+            ctx,
+            &mut o[bi * nv..(bi + 1) * nv],
+            &mut lse[bi * t * h..(bi + 1) * t * h],
+            &q[bi * nq..(bi + 1) * nq],
+            &k[bi * nq..(bi + 1) * nq],
+            &v[bi * nv..(bi + 1) * nv],
+            t,
+            h,
+            dqk,
+            dv,
+            T::from_f64(scale),
+        )?;
     }
+    Ok(())
 }
 
 /// Causal attention backward: given do [b·t, h, dv] and the forward's q, k, v, o, lse, writes (overwrites)
-/// dq, dk [b·t, h, dqk] and dv [b·t, h, dv]. Probabilities are recomputed from lse.
-#[allow(clippy::too_many_arguments)]
+/// dq, dk [b·t, h, dqk] and dv [b·t, h, dv]. One `kernels::attention_backward` call per sequence.
 pub fn attention_backward<T: Real>(
     ctx: &ExecCtx,
     dq: &mut [T],
@@ -223,58 +191,30 @@ pub fn attention_backward<T: Real>(
     lse: &[T],
     s: AttnShape,
     scale: f64,
-) {
+) -> crate::Result<()> {
     let AttnShape { b, t, h, dqk, dv } = s;
-    type Grads<T> = (Vec<T>, Vec<T>, Vec<T>);
-    let jobs: Vec<Grads<T>> = ctx.install(|| {
-        (0..b * h)
-            .into_par_iter()
-            .map(|bh| {
-                let (bi, hi) = (bh / h, bh % h);
-                let row = |i: usize| (bi * t + i) * h + hi;
-                let mut gq = vec![0f64; t * dqk];
-                let mut gk = vec![0f64; t * dqk];
-                let mut gv = vec![0f64; t * dv];
-                for i in 0..t {
-                    let qi = &q[row(i) * dqk..][..dqk];
-                    let doi = &dout[row(i) * dv..][..dv];
-                    let oi = &o[row(i) * dv..][..dv];
-                    let dd = dotf(doi, oi);
-                    let l = lse[bh * t + i].to_f64();
-                    for j in 0..=i {
-                        let kj = &k[row(j) * dqk..][..dqk];
-                        let vj = &v[row(j) * dv..][..dv];
-                        let p = (dotf(qi, kj) * scale - l).exp();
-                        let dp = dotf(doi, vj);
-                        let ds = p * (dp - dd) * scale;
-                        for c in 0..dv {
-                            gv[j * dv + c] += p * doi[c].to_f64();
-                        }
-                        for c in 0..dqk {
-                            gq[i * dqk + c] += ds * kj[c].to_f64();
-                            gk[j * dqk + c] += ds * qi[c].to_f64();
-                        }
-                    }
-                }
-                let cv = |x: Vec<f64>| x.into_iter().map(T::from_f64).collect::<Vec<T>>();
-                (cv(gq), cv(gk), cv(gv))
-            })
-            .collect()
-    });
-    for (bh, (gq, gk, gv)) in jobs.into_iter().enumerate() {
-        let (bi, hi) = (bh / h, bh % h);
-        for i in 0..t {
-            let r = (bi * t + i) * h + hi;
-            dq[r * dqk..][..dqk].copy_from_slice(&gq[i * dqk..(i + 1) * dqk]);
-            dk[r * dqk..][..dqk].copy_from_slice(&gk[i * dqk..(i + 1) * dqk]);
-            dvv[r * dv..][..dv].copy_from_slice(&gv[i * dv..(i + 1) * dv]);
-        }
+    let (nq, nv) = (t * h * dqk, t * h * dv);
+    for bi in 0..b {
+        let (rq, rv) = (bi * nq..(bi + 1) * nq, bi * nv..(bi + 1) * nv);
+        kernels::attention_backward(
+            ctx,
+            &mut dq[rq.clone()],
+            &mut dk[rq.clone()],
+            &mut dvv[rv.clone()],
+            &dout[rv.clone()],
+            &q[rq.clone()],
+            &k[rq],
+            &v[rv.clone()],
+            &o[rv],
+            &lse[bi * t * h..(bi + 1) * t * h],
+            t,
+            h,
+            dqk,
+            dv,
+            T::from_f64(scale),
+        )?;
     }
-}
-
-#[inline]
-fn dotf<T: Real>(a: &[T], b: &[T]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| x.to_f64() * y.to_f64()).sum()
+    Ok(())
 }
 
 /// Logistic sigmoid.

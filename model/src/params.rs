@@ -200,16 +200,6 @@ impl<T: Real> ParamStore<T> {
         }
     }
 
-    /// A zero-filled store for a whole model.
-    pub fn zeros(config: &ModelConfig) -> Self {
-        Self::from_specs(stage_specs(config, &StageSpec::whole(config)))
-    }
-
-    /// A zero-filled store for one stage.
-    pub fn zeros_for_stage(config: &ModelConfig, stage: &StageSpec) -> Self {
-        Self::from_specs(stage_specs(config, stage))
-    }
-
     /// A zero-filled store with the same layout (for gradients).
     pub fn zeros_like(&self) -> Self {
         Self {
@@ -233,13 +223,6 @@ impl<T: Real> ParamStore<T> {
                     .for_each(|x| *x = T::from_f64(std * rng.sample()));
             }
         }
-    }
-
-    /// A whole model initialized with [`ParamStore::init_values`].
-    pub fn init(config: &ModelConfig, seed: u64) -> Self {
-        let mut s = Self::zeros(config);
-        s.init_values(config, seed);
-        s
     }
 
     /// Iterates (name, shape, values) in flat order.
@@ -363,6 +346,23 @@ impl<T: Real> ParamStore<T> {
 }
 
 impl ParamStore<f32> {
+    /// A zero-filled store for a whole model.
+    pub fn zeros(config: &ModelConfig) -> Self {
+        Self::from_specs(stage_specs(config, &StageSpec::whole(config)))
+    }
+
+    /// A zero-filled store for one stage.
+    pub fn zeros_for_stage(config: &ModelConfig, stage: &StageSpec) -> Self {
+        Self::from_specs(stage_specs(config, stage))
+    }
+
+    /// A whole model initialized with [`ParamStore::init_values`].
+    pub fn init(config: &ModelConfig, seed: u64) -> Self {
+        let mut s = Self::zeros(config);
+        s.init_values(config, seed);
+        s
+    }
+
     /// Loads an HF-format directory: `config.json` plus its `model*.safetensors` files (F32, BF16 or F16).
     /// Returns the config, the whole-model parameters and the routing biases (zeros where a checkpoint has
     /// none). MTP copies of the shared embedding/head (`model.layers.N.embed_tokens`, `shared_head.head`) are

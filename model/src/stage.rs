@@ -25,7 +25,8 @@ use std::sync::Arc;
 pub struct MicroBatch<'a> {
     /// Caller-chosen id, unique among micro-batches in flight on this stage.
     pub id: u64,
-    /// Token ids [b, t] (needed by the first stage for the embedding and by the last for targets/MTP).
+    /// Token ids [b, t]: needed by the first stage (embedding) and the last (targets, MTP); middle stages
+    /// accept an empty slice.
     pub tokens: &'a [u32],
     /// Sequences.
     pub b: usize,
@@ -179,7 +180,8 @@ impl<T: Real> Stage<T> {
     ) -> Result<StageOutput<T>> {
         let (b, t, d) = (mb.b, mb.t, self.config.hidden_size);
         let n = b * t;
-        if mb.tokens.len() != n {
+        let needs_tokens = self.spec.first || self.spec.last;
+        if needs_tokens && mb.tokens.len() != n {
             return Err(ModelError::Input(format!(
                 "{} tokens for a {b}×{t} micro-batch",
                 mb.tokens.len()

@@ -4,7 +4,8 @@
 //! Invariant: measures pure functions only; inputs are built once outside the timed closures.
 
 use criterion::{Criterion, black_box, criterion_group, criterion_main};
-use plan::schedule::dualpipe;
+use plan::memory::{LayerShape, ModelShape, Precision, Sharding, estimate};
+use plan::schedule::{ScheduleKind, dualpipe};
 use plan::sim::{Costs, SimConfig, simulate};
 
 fn bench(c: &mut Criterion) {
@@ -31,5 +32,44 @@ fn bench(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench);
+/// What `moetrain plan` computes for DeepSeek-V3 on 2048 GPUs (P = 16, D = 128, E = 64, N = 120,
+/// 61 layers): generate, simulate and estimate memory for all three schedules.
+fn bench_plan(c: &mut Criterion) {
+    let layer = LayerShape {
+        dense_params: 200_000_000,
+        expert_params: 11_000_000_000,
+        activation_bytes: 900 << 20,
+    };
+    let shape = ModelShape {
+        pre: layer,
+        layers: vec![layer; 61],
+        post: layer,
+    };
+    let sharding = Sharding {
+        data: 128,
+        expert: 64,
+    };
+    c.bench_function("plan_v3_2048_three_schedules", |b| {
+        b.iter(|| {
+            ScheduleKind::ALL
+                .into_iter()
+                .map(|kind| {
+                    let e = estimate(
+                        kind,
+                        16,
+                        120,
+                        &shape,
+                        Precision::v3_mixed(),
+                        sharding,
+                        Costs::unit(),
+                    )
+                    .expect("valid");
+                    e.peak_rank().map_or(0, |r| r.total_bytes())
+                })
+                .max()
+        })
+    });
+}
+
+criterion_group!(benches, bench, bench_plan);
 criterion_main!(benches);

@@ -7,9 +7,9 @@
 pub mod schedule;
 
 pub mod ids;
+pub mod memory;
 pub mod parallel;
 pub mod placement;
-pub mod topology;
 pub mod sim;
 pub mod svg;
-pub mod memory;
+pub mod topology;

@@ -162,9 +162,9 @@ pub struct ScheduleEstimate {
 }
 
 impl ScheduleEstimate {
-    /// The rank with the largest total.
+    /// The rank with the largest total (the lowest such rank on ties).
     pub fn peak_rank(&self) -> Option<&RankMemory> {
-        self.per_rank.iter().max_by_key(|r| r.total_bytes())
+        self.per_rank.iter().rev().max_by_key(|r| r.total_bytes())
     }
 }
 

@@ -19,8 +19,13 @@ const WEIGHT: [&str; 2] = ["#c9bce6", "#9480c9"];
 /// Geometry of the picture.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SvgOptions {
-    /// Target width of the timeline area in pixels (the scale is chosen to fit it).
+    /// Width of the timeline area in pixels when the step is short; longer steps get at least
+    /// `min_px_per_unit` pixels per time unit (so two-digit labels fit), up to `max_width`.
     pub width: f64,
+    /// Smallest scale for long steps, in pixels per time unit.
+    pub min_px_per_unit: f64,
+    /// Widest timeline area in pixels.
+    pub max_width: f64,
     /// Height of one rank's row in pixels.
     pub row_height: f64,
 }
@@ -29,6 +34,8 @@ impl Default for SvgOptions {
     fn default() -> Self {
         Self {
             width: 1200.0,
+            min_px_per_unit: 14.0,
+            max_width: 6000.0,
             row_height: 30.0,
         }
     }
@@ -54,7 +61,7 @@ pub fn render(schedule: &Schedule, report: &SimReport, opts: &SvgOptions) -> Str
     } else {
         1.0
     };
-    let scale = (opts.width / span).max(2.0);
+    let scale = (opts.width / span).max(opts.min_px_per_unit.min(opts.max_width / span));
     let plot_w = span * scale;
     let rh = opts.row_height;
     let axis_y = top + rows * rh + 4.0;

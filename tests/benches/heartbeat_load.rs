@@ -14,7 +14,7 @@ use proto::pb;
 use proto::pb::coordinator_message::Msg as Down;
 use std::collections::HashMap;
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -71,16 +71,15 @@ fn rss_mib(pid: u32) -> anyhow::Result<f64> {
     Ok(kb / 1024.0)
 }
 
-/// One simulated worker: register, then heartbeat every `interval` until `stop`; returns the
-/// round trips measured after `measure_from`.
+/// One simulated worker: register, then heartbeat every `interval` until `stop` turns true;
+/// returns (send time, round trip in µs) of every acknowledged heartbeat.
 async fn simulated_worker(
     url: String,
     i: usize,
     interval: Duration,
     registered: mpsc::Sender<()>,
-    measure_from: Instant,
-    stop: Instant,
-) -> anyhow::Result<Vec<u32>> {
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<Vec<(Instant, u32)>> {
     let channel = tonic::transport::Endpoint::from_shared(url)?
         .connect_timeout(Duration::from_secs(10))
         .tcp_nodelay(true)
@@ -126,20 +125,16 @@ async fn simulated_worker(
     let mut seq = 0u64;
     loop {
         tokio::select! {
-            t = ticker.tick() => {
-                if t >= stop {
-                    return Ok(rtts);
-                }
+            _ = stop.changed() => return Ok(rtts),
+            _ = ticker.tick() => {
                 seq += 1;
                 sent.insert(seq, Instant::now());
                 tx.send(pb::WorkerMessage::heartbeat(seq)).await.context("session closed")?;
             }
             m = inbound.message() => match m? {
                 Some(pb::CoordinatorMessage { msg: Some(Down::HeartbeatAck(a)) }) => {
-                    if let Some(t0) = sent.remove(&a.seq)
-                        && t0 >= measure_from
-                    {
-                        rtts.push(t0.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+                    if let Some(t0) = sent.remove(&a.seq) {
+                        rtts.push((t0, t0.elapsed().as_micros().min(u128::from(u32::MAX)) as u32));
                     }
                 }
                 Some(_) => {}
@@ -180,11 +175,10 @@ fn main() -> anyhow::Result<()> {
     rt.block_on(async {
         let url = coordinator.url();
         let (reg_tx, mut reg_rx) = mpsc::channel(o.workers);
-        // Generous registration phase, then a warm-up of 3 periods, then the window.
+        // A generous deadline for registering, then a warm-up, then the measured window.
         let setup = Duration::from_secs(60);
         let started = Instant::now();
-        let measure_from = started + setup + o.interval * 3;
-        let stop = measure_from + Duration::from_secs(o.seconds);
+        let (stop_tx, stop_rx) = watch::channel(false);
         let mut tasks = Vec::with_capacity(o.workers);
         for i in 0..o.workers {
             tasks.push(tokio::spawn(simulated_worker(
@@ -192,8 +186,7 @@ fn main() -> anyhow::Result<()> {
                 i,
                 o.interval,
                 reg_tx.clone(),
-                measure_from,
-                stop,
+                stop_rx.clone(),
             )));
         }
         drop(reg_tx);
@@ -215,18 +208,27 @@ fn main() -> anyhow::Result<()> {
             );
         }
         println!("{n} workers registered in {:.2?}", started.elapsed());
-        tokio::time::sleep_until(measure_from).await;
+        // Warm-up: three periods, so every worker is in its steady rhythm.
+        tokio::time::sleep(o.interval * 3).await;
+        let measure_from = Instant::now();
         let cpu0 = cpu_seconds(pid)?;
-        let t0 = std::time::Instant::now();
-        tokio::time::sleep_until(stop).await;
+        tokio::time::sleep(Duration::from_secs(o.seconds)).await;
         let cpu1 = cpu_seconds(pid)?;
-        let wall = t0.elapsed().as_secs_f64();
+        let measure_to = Instant::now();
+        let wall = (measure_to - measure_from).as_secs_f64();
         let rss = rss_mib(pid)?;
+        // Let the acks of the window's last heartbeats arrive, then stop the workers.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let _ = stop_tx.send(true);
         let mut all = Vec::new();
         let mut failed = 0;
         for t in tasks {
             match tokio::time::timeout(Duration::from_secs(10), t).await {
-                Ok(Ok(Ok(r))) => all.extend(r),
+                Ok(Ok(Ok(r))) => all.extend(
+                    r.into_iter()
+                        .filter(|(t, _)| *t >= measure_from && *t < measure_to)
+                        .map(|(_, us)| us),
+                ),
                 Ok(Ok(Err(e))) => {
                     failed += 1;
                     if failed == 1 {

@@ -13,9 +13,20 @@ use std::process::Command;
 /// Crates that never reach the async runtime, RPC, the store or YAML (compute threads call them).
 const PURE: &[&str] = &["plan", "arch", "kernels", "model", "comm", "executor"];
 /// What those crates must never reach, directly or transitively.
-const IMPURE: &[&str] = &["tokio", "tonic", "etcd-client", "serde-saphyr", "prost", "opentelemetry"];
+const IMPURE: &[&str] = &[
+    "tokio",
+    "tonic",
+    "etcd-client",
+    "serde-saphyr",
+    "prost",
+    "opentelemetry",
+];
 /// Direct dependencies that exactly one crate of ours may list.
-const OWNED: &[(&str, &str)] = &[("prost", "proto"), ("serde-saphyr", "manifest"), ("etcd-client", "coordinator")];
+const OWNED: &[(&str, &str)] = &[
+    ("prost", "proto"),
+    ("serde-saphyr", "manifest"),
+    ("etcd-client", "coordinator"),
+];
 
 fn main() -> Result<()> {
     let task = std::env::args().nth(1).unwrap_or_default();
@@ -29,14 +40,27 @@ fn main() -> Result<()> {
 fn ci() -> Result<()> {
     run("cargo", &["fmt", "--all", "--check"])?;
     deps_check()?;
-    run("cargo", &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+    run(
+        "cargo",
+        &[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ],
+    )?;
     run("cargo", &["test", "--workspace", "--no-fail-fast"])?;
     Ok(())
 }
 
 fn run(cmd: &str, args: &[&str]) -> Result<()> {
     eprintln!("$ {cmd} {}", args.join(" "));
-    let status = Command::new(cmd).args(args).status().with_context(|| format!("starting {cmd}"))?;
+    let status = Command::new(cmd)
+        .args(args)
+        .status()
+        .with_context(|| format!("starting {cmd}"))?;
     if !status.success() {
         bail!("`{cmd} {}` failed with {status}", args.join(" "));
     }
@@ -55,11 +79,17 @@ fn load_graph() -> Result<Graph> {
         .output()
         .context("running cargo metadata")?;
     if !out.status.success() {
-        bail!("cargo metadata failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "cargo metadata failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let meta: Value = serde_json::from_slice(&out.stdout).context("parsing cargo metadata")?;
     let mut id_to_name = BTreeMap::new();
-    for pkg in meta["packages"].as_array().context("metadata has no packages")? {
+    for pkg in meta["packages"]
+        .as_array()
+        .context("metadata has no packages")?
+    {
         let id = pkg["id"].as_str().context("package without id")?;
         let name = pkg["name"].as_str().context("package without name")?;
         id_to_name.insert(id.to_string(), name.to_string());
@@ -71,8 +101,14 @@ fn load_graph() -> Result<Graph> {
         .filter_map(|id| id.as_str().and_then(|id| id_to_name.get(id)).cloned())
         .collect();
     let mut deps: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    for node in meta["resolve"]["nodes"].as_array().context("metadata has no resolve graph")? {
-        let name = id_to_name.get(node["id"].as_str().unwrap_or_default()).cloned().unwrap_or_default();
+    for node in meta["resolve"]["nodes"]
+        .as_array()
+        .context("metadata has no resolve graph")?
+    {
+        let name = id_to_name
+            .get(node["id"].as_str().unwrap_or_default())
+            .cloned()
+            .unwrap_or_default();
         let entry = deps.entry(name).or_default();
         for dep in node["deps"].as_array().into_iter().flatten() {
             let normal = dep["dep_kinds"]
@@ -80,7 +116,8 @@ fn load_graph() -> Result<Graph> {
                 .into_iter()
                 .flatten()
                 .any(|k| k["kind"].is_null());
-            if normal && let Some(dep_name) = dep["pkg"].as_str().and_then(|id| id_to_name.get(id)) {
+            if normal && let Some(dep_name) = dep["pkg"].as_str().and_then(|id| id_to_name.get(id))
+            {
                 entry.insert(dep_name.clone());
             }
         }
@@ -109,25 +146,34 @@ fn deps_check() -> Result<()> {
     for krate in PURE.iter().filter(|k| graph.members.contains(**k)) {
         let reach = graph.closure(krate);
         for bad in IMPURE.iter().filter(|b| reach.contains(**b)) {
-            violations.push(format!("synchronous crate `{krate}` depends (transitively) on `{bad}`"));
+            violations.push(format!(
+                "synchronous crate `{krate}` depends (transitively) on `{bad}`"
+            ));
         }
     }
     let coord = graph.closure("coordinator");
     for bad in ["model", "kernels"] {
         if coord.contains(bad) {
-            violations.push(format!("`coordinator` links `{bad}`: the control plane never links compute code"));
+            violations.push(format!(
+                "`coordinator` links `{bad}`: the control plane never links compute code"
+            ));
         }
     }
     for (dep, owner) in OWNED {
         for member in &graph.members {
             let direct = graph.deps.get(member).is_some_and(|d| d.contains(*dep));
             if direct && member != owner {
-                violations.push(format!("`{member}` lists `{dep}` directly; only `{owner}` may"));
+                violations.push(format!(
+                    "`{member}` lists `{dep}` directly; only `{owner}` may"
+                ));
             }
         }
     }
     if violations.is_empty() {
-        eprintln!("deps-check: all dependency invariants hold ({} workspace crates)", graph.members.len());
+        eprintln!(
+            "deps-check: all dependency invariants hold ({} workspace crates)",
+            graph.members.len()
+        );
         Ok(())
     } else {
         for v in &violations {

@@ -641,6 +641,7 @@ mod tests {
 
     #[test]
     fn yaml_of_nested_values() {
+        // serde_json maps are sorted by key, so the YAML lists keys alphabetically.
         let v = json!({
             "name": "job-a",
             "phase": "Running",
@@ -652,11 +653,12 @@ mod tests {
             "text": "line one\nline two\n"
         });
         let expected = "\
-name: job-a
-phase: Running
-world: 8
 empty: []
+name: job-a
+nested:
+  k: \"a: b\"
 odd: \"yes\"
+phase: Running
 ranks:
 - rank: 0
   stages:
@@ -664,11 +666,10 @@ ranks:
   - 3
 - rank: 1
   stages: []
-nested:
-  k: \"a: b\"
 text: |
   line one
   line two
+world: 8
 ";
         assert_eq!(to_yaml(&v), expected);
     }

@@ -518,3 +518,30 @@ pub fn emit(text: &str) -> Result<()> {
         _ => Ok(()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_shape_accounts_for_every_parameter() {
+        let model = arch::ModelConfig::preset("v3-671b").expect("preset");
+        let shape = model_shape(&model, 4096, 1, 1);
+        let all = |l: &LayerShape| l.dense_params + l.expert_params;
+        let total = all(&shape.pre) + shape.layers.iter().map(all).sum::<u64>() + all(&shape.post);
+        assert_eq!(total, model.total_params());
+        assert_eq!(shape.layers.len(), 61);
+        // The first three layers are dense; the others carry 256 routed experts.
+        assert_eq!(shape.layers[0].expert_params, 0);
+        assert_eq!(shape.layers[3].expert_params, 256 * model.expert_params());
+        assert!(shape.layers.iter().all(|l| l.activation_bytes > 0));
+    }
+
+    #[test]
+    fn microbatches_are_raised_to_each_schedules_minimum() {
+        assert_eq!(microbatches_for(ScheduleKind::DualPipe, 16, 120), 120);
+        assert_eq!(microbatches_for(ScheduleKind::DualPipe, 4, 9), 10);
+        assert_eq!(microbatches_for(ScheduleKind::DualPipeV, 4, 3), 8);
+        assert_eq!(microbatches_for(ScheduleKind::OneFOneB, 4, 3), 4);
+    }
+}

@@ -173,3 +173,37 @@ pub fn run(args: Args) -> Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn costs_parse_and_reject_bad_input() {
+        let c = parse_costs("1,2,1,1,2.5,0.25").expect("six numbers");
+        assert_eq!((c.overlapped, c.comm), (2.5, 0.25));
+        assert!(parse_costs("1,2,3").is_err());
+        assert!(parse_costs("1,2,1,1,x,0").is_err());
+        assert!(parse_costs("1,2,1,1,-3,0").is_err());
+    }
+
+    #[test]
+    fn json_carries_every_op_including_transfers() {
+        let s = plan::schedule::dualpipe(4, 8).expect("valid");
+        let doc = schedule_json(&s);
+        let ranks = doc["per_rank"].as_array().expect("array");
+        assert_eq!(ranks.len(), 4);
+        for (r, rank) in ranks.iter().enumerate() {
+            let ops = rank["ops"].as_array().expect("array");
+            assert_eq!(ops.len(), s.ops[r].len());
+            let sends = ops.iter().filter(|o| o["op"] == "send").count() as u32;
+            assert_eq!(sends, s.counts(r as u32).send);
+            assert_eq!(rank["compact"], s.compact_rank(r as u32));
+        }
+        assert_eq!(ranks[0]["stages"], json!([0, 3]));
+        assert_eq!(
+            ranks[0]["ops"][1],
+            json!({"op": "send", "peer": 1, "payload": "activation", "dir": 0, "mb": 0})
+        );
+    }
+}

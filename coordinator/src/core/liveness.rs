@@ -43,37 +43,55 @@ pub fn failure_timeout(state: &State, worker: &str, config: &Config) -> Duration
         .unwrap_or(config.failure_timeout)
 }
 
+/// The verdicts on workers that are lost as of `now` (and were not before), in worker-id order.
+/// Same rule as [`liveness`], without building a reason for every live worker: this is what the
+/// coordinator runs on every tick.
+pub fn newly_lost(state: &State, now: UnixMs, config: &Config) -> Vec<LivenessVerdict> {
+    state
+        .workers
+        .iter()
+        .filter(|(id, w)| {
+            !w.stored.lost
+                && Duration::from_millis(now.saturating_sub(w.last_seen))
+                    > failure_timeout(state, id, config)
+        })
+        .flat_map(|(id, _)| liveness_of(state, id, now, config))
+        .collect()
+}
+
 /// A verdict for every worker not already lost, in worker-id order.
 pub fn liveness(state: &State, now: UnixMs, config: &Config) -> Vec<LivenessVerdict> {
     state
         .workers
-        .iter()
-        .filter(|(_, w)| !w.stored.lost)
-        .map(|(id, w)| {
-            let timeout = failure_timeout(state, id, config);
-            let silent = Duration::from_millis(now.saturating_sub(w.last_seen));
-            let session = if w.connected { "" } else { ", session closed" };
-            if silent > timeout {
-                LivenessVerdict {
-                    worker: id.clone(),
-                    verdict: Verdict::Lost,
-                    reason: format!(
-                        "silent for {:.1}s, failure timeout {:.1}s{session}",
-                        silent.as_secs_f64(),
-                        timeout.as_secs_f64()
-                    ),
-                }
-            } else {
-                LivenessVerdict {
-                    worker: id.clone(),
-                    verdict: Verdict::Alive,
-                    reason: format!(
-                        "last heard {:.1}s ago, failure timeout {:.1}s{session}",
-                        silent.as_secs_f64(),
-                        timeout.as_secs_f64()
-                    ),
-                }
-            }
-        })
+        .keys()
+        .flat_map(|id| liveness_of(state, id, now, config))
         .collect()
+}
+
+/// The verdict on one worker, or `None` when it is unknown or already lost.
+fn liveness_of(state: &State, id: &str, now: UnixMs, config: &Config) -> Option<LivenessVerdict> {
+    let w = state.workers.get(id).filter(|w| !w.stored.lost)?;
+    let timeout = failure_timeout(state, id, config);
+    let silent = Duration::from_millis(now.saturating_sub(w.last_seen));
+    let session = if w.connected { "" } else { ", session closed" };
+    let (verdict, reason) = if silent > timeout {
+        let reason = format!(
+            "silent for {:.1}s, failure timeout {:.1}s{session}",
+            silent.as_secs_f64(),
+            timeout.as_secs_f64()
+        );
+        (Verdict::Lost, reason)
+    } else {
+        let reason = format!(
+            "last heard {:.1}s ago, failure timeout {:.1}s{session}",
+            silent.as_secs_f64(),
+            timeout.as_secs_f64()
+        );
+        (Verdict::Alive, reason)
+    };
+    Some(LivenessVerdict {
+        worker: id.to_owned(),
+        verdict,
+        reason,
+    })
 }

@@ -26,7 +26,7 @@ use proto::pb;
 use crate::Config;
 use crate::store::Snapshot;
 
-pub use liveness::{LivenessVerdict, Verdict, liveness};
+pub use liveness::{LivenessVerdict, Verdict, liveness, newly_lost};
 pub use scheduler::{Decision, ScheduleDecision, schedule};
 
 /// Wall-clock time in Unix milliseconds, passed in by the caller.
@@ -872,7 +872,7 @@ impl Core {
 
     fn run_liveness(&mut self, now: UnixMs, actions: &mut Vec<Action>) {
         let _span = tracing::debug_span!("liveness").entered();
-        for v in liveness(&self.state, now, &self.config) {
+        for v in newly_lost(&self.state, now, &self.config) {
             if v.verdict != Verdict::Lost {
                 continue;
             }

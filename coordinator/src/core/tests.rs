@@ -562,6 +562,14 @@ fn liveness_is_a_pure_function_of_state_time_and_config() {
             "silent for 2.5s, failure timeout 2.0s, session closed"
         )
     );
+    // The tick's fast path finds exactly the lost ones.
+    let lost: Vec<_> = v
+        .iter()
+        .filter(|x| x.verdict == Verdict::Lost)
+        .cloned()
+        .collect();
+    assert_eq!(newly_lost(&state, T0 + 2500, &config), lost);
+    assert!(newly_lost(&state, T0 + 1500, &config).is_empty());
     // Lost workers get no further verdicts.
     state.workers.get_mut("w").unwrap().stored.lost = true;
     assert!(liveness(&state, T0 + 9000, &config).is_empty());

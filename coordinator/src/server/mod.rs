@@ -109,9 +109,7 @@ impl Shared {
         let _ = self.writer.send(StoreOp::Flush(tx));
         match tokio::time::timeout(crate::store::etcd::REQUEST_TIMEOUT * 2, rx).await {
             Ok(Ok(Ok(()))) => Ok(()),
-            Ok(Ok(Err(e))) => Err(Error::Unavailable(format!(
-                "state store write failed: {e}"
-            ))),
+            Ok(Ok(Err(e))) => Err(Error::Unavailable(format!("state store write failed: {e}"))),
             Ok(Err(_)) => Err(Error::Unavailable("coordinator is shutting down".into())),
             Err(_) => Err(Error::Unavailable("state store write timed out".into())),
         }

@@ -1,13 +1,18 @@
-//! Block-scaled FP8 GEMM: E4M3 codes plus per-tile scales in, f32 out, with the V3 recipe's promotion:
-//! for every 128-wide block b of the contraction dimension, `acc += (Σ_{p∈b} qa·qb) · sa · sb`, where
-//! the inner sum runs over exact f32 code values and the scales multiply the block's partial sum.
+//! Block-scaled FP8 GEMM: E4M3 codes plus per-tile scales in, f32 out, in the three training layouts.
 //!
-//! Invariant: the output is split into tiles fixed by the shape alone and each tile walks the K blocks
-//! in order on one thread, so the result is the same bits for any thread budget. A NaN code (0x7F/0xFF)
-//! propagates to the outputs it touches (documented value; the quantizers never emit one).
+//! Two evaluation orders of the same sum C = Σ_b Σ_{p∈b} (qa·sa_b)(qb·sb_b), b the 128-wide K blocks:
+//! - `fp8_matmul_xwt` / `_dyw` / `_dytx` (the fast path, used by training): each operand is dequantized
+//!   once into f32 (`code · scale`, one rounding, exact for UE8M0 power-of-two scales) and the products
+//!   accumulate in f32 through the `gemm` crate over the whole K. Every partial sum is already f32, so
+//!   the "promotion every 128 elements" of the GPU recipe holds trivially; the only difference from the
+//!   promoted formula is where the scale multiply is rounded (≤ 1e-6 normwise against the golden
+//!   `gemm_block_f32`, 1e-5 against the exact `gemm.*`, both tested). Cost: one f32 GEMM plus decoding.
+//! - `fp8_matmul_nt_promoted` (the literal recipe, for checking): for every K block,
+//!   `acc += (Σ_{p∈b} qa·qb) · sa · sb` with the inner sum over exact code values, as tensor cores do.
 //!
-//! Implementation: the codes are decoded once to f32 (exact), then each output tile runs one `gemm` call
-//! per K block into a cache-resident scratch tile and folds it into the output with the two scales.
+//! Invariant: both are the same bits for any thread budget (element-wise decoding, thread-invariant GEMM,
+//! output tiles fixed by the shape alone). A NaN code (0x7F/0xFF) propagates to the outputs it touches
+//! (documented value; the quantizers never emit one).
 
 use super::codec::E4M3_LUT;
 use super::quant::TILE;
@@ -72,19 +77,18 @@ impl<'a> Fp8Matrix<'a> {
     }
 }
 
-/// Scale lookup for operand rows `r` and K block `kb`: `data[(r / div) · rs + kb · ks]`.
+/// Scale lookup for operand row `r` and K block `kb`: `data[(r / div) · rs + kb]`.
 #[derive(Clone, Copy)]
 struct ScaleMap<'a> {
     data: &'a [f32],
     div: usize,
     rs: usize,
-    ks: usize,
 }
 
 impl<'s> ScaleMap<'s> {
     #[inline]
     fn get(&self, r: usize, kb: usize) -> f32 {
-        self.data[(r / self.div) * self.rs + kb * self.ks]
+        self.data[(r / self.div) * self.rs + kb]
     }
     fn of<'m>(m: &Fp8Matrix<'m>) -> ScaleMap<'m> {
         let div = if m.tiling == Fp8Tiling::Row { 1 } else { TILE };
@@ -92,38 +96,22 @@ impl<'s> ScaleMap<'s> {
             data: m.scales,
             div,
             rs: m.cols.div_ceil(TILE),
-            ks: 1,
         }
     }
 }
 
-/// Decodes `codes` ([rows, cols]) to f32, optionally transposed to [cols, rows].
-fn decode(ctx: &ExecCtx, codes: &[u8], rows: usize, cols: usize, transpose: bool) -> Vec<f32> {
+/// Decodes `codes` ([rows, cols]) to their exact f32 code values (no scales).
+fn decode(ctx: &ExecCtx, codes: &[u8], rows: usize, cols: usize) -> Vec<f32> {
     let mut out = vec![0f32; rows * cols];
     if rows == 0 || cols == 0 {
         return out;
     }
-    if !transpose {
-        let per = 64 * cols;
-        let mut dummy = vec![(); out.len().div_ceil(per)];
-        ctx.for_each_chunk_pair(&mut out, per, &mut dummy, 1, |i, o, _| {
-            for (v, &c) in o.iter_mut().zip(&codes[i * per..]) {
-                *v = E4M3_LUT[c as usize];
-            }
-        });
-    } else {
-        // Output row j (input column j) gathers a strided column; done in bands of 64 output rows.
-        let per = 64 * rows;
-        let mut dummy = vec![(); out.len().div_ceil(per)];
-        ctx.for_each_chunk_pair(&mut out, per, &mut dummy, 1, |i, o, _| {
-            for (jj, orow) in o.chunks_exact_mut(rows).enumerate() {
-                let j = i * 64 + jj;
-                for (r, v) in orow.iter_mut().enumerate() {
-                    *v = E4M3_LUT[codes[r * cols + j] as usize];
-                }
-            }
-        });
-    }
+    let mut dummy = vec![(); rows];
+    ctx.for_each_chunk_pair(&mut out, cols, &mut dummy, 1, |r, o, _| {
+        for (v, &c) in o.iter_mut().zip(&codes[r * cols..(r + 1) * cols]) {
+            *v = E4M3_LUT[c as usize];
+        }
+    });
     out
 }
 
@@ -212,6 +200,131 @@ fn check_k(a: &Fp8Matrix<'_>, b: &Fp8Matrix<'_>, an: &str, bn: &str) -> Result<(
     Ok(())
 }
 
+/// Exact f32 value of E4M3 code `c`, by bit manipulation so loops over it vectorize: a normal code
+/// (exponent field ≥ 1) is the f32 with the code's exponent rebiased 7 → 127 and its 3 mantissa bits on
+/// top; a subnormal one is m/512 (an exact integer conversion and power-of-two product); 0x7F/0xFF are
+/// NaN. Equals `E4M3_LUT[c]` bit for bit except for the NaN payload.
+#[inline(always)]
+fn e4m3_value_bits(c: u8) -> f32 {
+    let c = c as u32;
+    let mag = c & 0x7F;
+    let sign = (c & 0x80) << 24;
+    let norm = f32::from_bits(((mag << 20) + (120 << 23)) | sign);
+    let sub = f32::from_bits(((mag as f32) * (1.0 / 512.0)).to_bits() | sign);
+    let v = if mag < 8 { sub } else { norm };
+    if mag == 0x7F {
+        f32::from_bits(0x7FC0_0000 | sign)
+    } else {
+        v
+    }
+}
+
+/// `out[i] = value(codes[i]) · s` for one scale tile (lengths equal).
+#[inline(always)]
+fn dequant_run_impl(out: &mut [f32], codes: &[u8], s: f32) {
+    for (v, &c) in out.iter_mut().zip(codes) {
+        *v = e4m3_value_bits(c) * s;
+    }
+}
+
+/// Rows `r0..r0 + out.len() / cols` of `q`, dequantized into `out`.
+#[inline(always)]
+fn dequant_rows_impl(out: &mut [f32], q: &Fp8Matrix<'_>, r0: usize) {
+    let cols = q.cols;
+    let sm = ScaleMap::of(q);
+    for (rr, orow) in out.chunks_exact_mut(cols).enumerate() {
+        let r = r0 + rr;
+        let codes = &q.codes[r * cols..(r + 1) * cols];
+        for (kb, (ob, cb)) in orow.chunks_mut(TILE).zip(codes.chunks(TILE)).enumerate() {
+            dequant_run_impl(ob, cb, sm.get(r, kb));
+        }
+    }
+}
+
+/// [`dequant_rows_impl`] compiled for AVX-512, AVX2 or the baseline (widest supported first). Every
+/// version does the same exact conversions and one IEEE multiply per element, so the bits agree.
+fn dequant_rows(out: &mut [f32], q: &Fp8Matrix<'_>, r0: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+        unsafe fn wide(out: &mut [f32], q: &Fp8Matrix<'_>, r0: usize) {
+            dequant_rows_impl(out, q, r0)
+        }
+        #[target_feature(enable = "avx2")]
+        unsafe fn avx2(out: &mut [f32], q: &Fp8Matrix<'_>, r0: usize) {
+            dequant_rows_impl(out, q, r0)
+        }
+        if crate::simd::has_avx512() {
+            // SAFETY: the CPU supports AVX-512 F/BW/VL (checked just above).
+            return unsafe { wide(out, q, r0) };
+        }
+        if crate::simd::has_avx2() {
+            // SAFETY: the CPU supports AVX2 (checked just above).
+            return unsafe { avx2(out, q, r0) };
+        }
+    }
+    dequant_rows_impl(out, q, r0)
+}
+
+/// Dequantizes `a` and `b` to f32 in their own layouts (`code · scale` per element, one rounding) in one
+/// parallel pass: both are cut into pieces of about 16K elements (whole rows) spread over the pool.
+/// The buffers are resized without clearing: every element is overwritten.
+fn dequantize_pair(
+    ctx: &ExecCtx,
+    a: &Fp8Matrix<'_>,
+    da: &mut Vec<f32>,
+    b: &Fp8Matrix<'_>,
+    db: &mut Vec<f32>,
+) {
+    da.resize(a.rows * a.cols, 0.0);
+    db.resize(b.rows * b.cols, 0.0);
+    let per = |q: &Fp8Matrix<'_>| (16384 / q.cols.max(1)).max(1);
+    let pieces = |q: &Fp8Matrix<'_>| {
+        if q.rows == 0 || q.cols == 0 {
+            0
+        } else {
+            q.rows.div_ceil(per(q))
+        }
+    };
+    let (na, nb) = (pieces(a), pieces(b));
+    let (pa, pb) = (SendPtr(da.as_mut_ptr()), SendPtr(db.as_mut_ptr()));
+    ctx.for_each_index_init(
+        na + nb,
+        || (),
+        |_, i| {
+            let (q, p, i) = if i < na { (a, pa, i) } else { (b, pb, i - na) };
+            let pr = per(q);
+            let (r0, r1) = (i * pr, ((i + 1) * pr).min(q.rows));
+            // SAFETY: piece i alone writes rows r0..r1 of its operand's buffer, which holds rows·cols
+            // elements (resized above).
+            let out = unsafe {
+                std::slice::from_raw_parts_mut(p.get().add(r0 * q.cols), (r1 - r0) * q.cols)
+            };
+            dequant_rows(out, q, r0);
+        },
+    );
+}
+
+thread_local! {
+    /// Dequantized operands, kept per calling thread so repeated GEMMs reuse warm memory instead of
+    /// faulting in fresh pages every call (it grows to the largest operands seen on that thread).
+    static SCRATCH: std::cell::Cell<(Vec<f32>, Vec<f32>)> = const { std::cell::Cell::new((Vec::new(), Vec::new())) };
+}
+
+/// Dequantizes `a` and `b` into the thread's scratch buffers and runs `f` on them.
+fn with_dequantized<R>(
+    ctx: &ExecCtx,
+    a: &Fp8Matrix<'_>,
+    b: &Fp8Matrix<'_>,
+    f: impl FnOnce(&[f32], &[f32]) -> R,
+) -> R {
+    let (mut da, mut db) = SCRATCH.take();
+    dequantize_pair(ctx, a, &mut da, b, &mut db);
+    let r = f(&da, &db);
+    SCRATCH.set((da, db));
+    r
+}
+
 /// Forward: `y[m,n] (+)= x[m,k] · w[n,k]ᵀ` with `x` quantized in 1×128 tiles (or blocks) and `w` in
 /// 128×128 blocks (or 1×128 tiles); m, n, k come from the operands.
 pub fn fp8_matmul_xwt(
@@ -224,23 +337,9 @@ pub fn fp8_matmul_xwt(
     check_k(x, w, "x", "w")?;
     let (m, n, k) = (x.rows, w.rows, x.cols);
     check_len("y", y.len(), dims(&[m, n])?)?;
-    let (xa, wb) = (
-        decode(ctx, x.codes, m, k, false),
-        decode(ctx, w.codes, n, k, false),
-    );
-    nt_core(
-        ctx,
-        y,
-        &xa,
-        ScaleMap::of(x),
-        &wb,
-        ScaleMap::of(w),
-        m,
-        n,
-        k,
-        acc,
-    );
-    Ok(())
+    with_dequantized(ctx, x, w, |xa, wb| {
+        crate::matmul_xwt(ctx, y, xa, wb, m, n, k, acc)
+    })
 }
 
 /// Input gradient: `dx[m,k] (+)= dy[m,n] · w[n,k]` with `dy` in 1×128 tiles along n and `w` in 128×128
@@ -265,17 +364,9 @@ pub fn fp8_matmul_dyw(
     }
     let (m, n, k) = (dy.rows, w.rows, w.cols);
     check_len("dx", dx.len(), dims(&[m, k])?)?;
-    let a = decode(ctx, dy.codes, m, n, false);
-    let wt = decode(ctx, w.codes, n, k, true);
-    // wᵀ row r (a column of w) in contraction block nb uses w's block scale [nb, r / 128].
-    let swt = ScaleMap {
-        data: w.scales,
-        div: TILE,
-        rs: 1,
-        ks: k.div_ceil(TILE),
-    };
-    nt_core(ctx, dx, &a, ScaleMap::of(dy), &wt, swt, m, k, n, acc);
-    Ok(())
+    with_dequantized(ctx, dy, w, |a, b| {
+        crate::matmul_dyw(ctx, dx, a, b, m, n, k, acc)
+    })
 }
 
 /// Weight gradient: `dw[n,k] (+)= dy[m,n]ᵀ · x[m,k]` from the transposed operands as `quantize_act_t`
@@ -290,20 +381,36 @@ pub fn fp8_matmul_dytx(
     check_k(dy_t, x_t, "dy_t", "x_t")?;
     let (n, k, m) = (dy_t.rows, x_t.rows, dy_t.cols);
     check_len("dw", dw.len(), dims(&[n, k])?)?;
-    let (a, b) = (
-        decode(ctx, dy_t.codes, n, m, false),
-        decode(ctx, x_t.codes, k, m, false),
-    );
+    with_dequantized(ctx, dy_t, x_t, |a, b| {
+        crate::matmul_xwt(ctx, dw, a, b, n, k, m, acc)
+    })
+}
+
+/// The literal V3 recipe in NT form, `c[m,n] (+)= Σ_b (Σ_{p∈b} qa·qb) · sa · sb` with `a` [m,k] and
+/// `b` [n,k] in any tiling: the inner sums run over exact code values and each 128-wide block's partial
+/// sum is scaled and added to the f32 accumulator in block order. Slower than the fast path (one small
+/// GEMM per block and output tile); kept as the executable definition the tests compare against.
+pub fn fp8_matmul_nt_promoted(
+    ctx: &ExecCtx,
+    c: &mut [f32],
+    a: &Fp8Matrix<'_>,
+    b: &Fp8Matrix<'_>,
+    acc: Accumulate,
+) -> Result<()> {
+    check_k(a, b, "a", "b")?;
+    let (m, n, k) = (a.rows, b.rows, a.cols);
+    check_len("c", c.len(), dims(&[m, n])?)?;
+    let (ad, bd) = (decode(ctx, a.codes, m, k), decode(ctx, b.codes, n, k));
     nt_core(
         ctx,
-        dw,
-        &a,
-        ScaleMap::of(dy_t),
-        &b,
-        ScaleMap::of(x_t),
+        c,
+        &ad,
+        ScaleMap::of(a),
+        &bd,
+        ScaleMap::of(b),
+        m,
         n,
         k,
-        m,
         acc,
     );
     Ok(())
@@ -339,6 +446,39 @@ mod tests {
             }
         }
         c
+    }
+
+    #[test]
+    fn bit_decoder_equals_table() {
+        for c in 0..=255u8 {
+            let (v, t) = (e4m3_value_bits(c), E4M3_LUT[c as usize]);
+            assert!(
+                v.to_bits() == t.to_bits() || (v.is_nan() && t.is_nan()),
+                "code {c:#04x}"
+            );
+            for s in [1.0f32, 3.7e-5, 0.013, 2.5e30] {
+                let mut o = [0f32];
+                dequant_run_impl(&mut o, &[c], s);
+                let want = t * s;
+                assert!(
+                    o[0].to_bits() == want.to_bits() || (o[0].is_nan() && want.is_nan()),
+                    "code {c:#04x} scale {s}"
+                );
+            }
+        }
+        // The dispatched (SIMD) build over a whole matrix: every code in both rows, two scales per row.
+        let codes: Vec<u8> = (0..512).map(|i| (i % 256) as u8).collect();
+        let scales = [0.5f32, 3.1e-3, 7.0e4, 1.9e-7];
+        let q = Fp8Matrix::new(&codes, &scales, 2, 256, Fp8Tiling::Row).unwrap();
+        let mut out = vec![0f32; 512];
+        dequant_rows(&mut out, &q, 0);
+        for (i, (v, &c)) in out.iter().zip(&codes).enumerate() {
+            let want = E4M3_LUT[c as usize] * scales[i / TILE];
+            assert!(
+                v.to_bits() == want.to_bits() || (v.is_nan() && want.is_nan()),
+                "element {i}"
+            );
+        }
     }
 
     #[test]
@@ -420,6 +560,20 @@ mod tests {
         .collect();
         assert_close(&dw, &want, 1e-6, "fp8 dytx");
 
+        // The literal promoted recipe agrees with the exact product too.
+        let mut yp = vec![0f32; m * n];
+        fp8_matmul_nt_promoted(&ctx, &mut yp, &xq, &wq, Accumulate::Overwrite).unwrap();
+        let want = deq_nt(
+            &xc,
+            |i, b| xs[i * 3 + b] as f64,
+            &wc,
+            |j, b| ws[(j / TILE) * 3 + b] as f64,
+            m,
+            n,
+            k,
+        );
+        assert_close(&yp, &want, 1e-6, "fp8 promoted");
+
         // Same bits for 1 and 3 threads.
         for t in [1, 3] {
             let mut y2 = vec![0f32; m * n];
@@ -427,6 +581,12 @@ mod tests {
             assert!(
                 y.iter().zip(&y2).all(|(a, b)| a.to_bits() == b.to_bits()),
                 "{t} threads"
+            );
+            fp8_matmul_nt_promoted(&ExecCtx::cpu(t), &mut y2, &xq, &wq, Accumulate::Overwrite)
+                .unwrap();
+            assert!(
+                yp.iter().zip(&y2).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "promoted, {t} threads"
             );
         }
 

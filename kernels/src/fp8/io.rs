@@ -132,7 +132,7 @@ mod tests {
     //! same function the CLI calls, plus the FP8 GEMM against the golden `gemm.*` products.
     use super::*;
     use crate::exec::Accumulate;
-    use crate::fp8::{Fp8Matrix, Fp8Tiling, fp8_matmul_xwt};
+    use crate::fp8::{Fp8Matrix, Fp8Tiling, fp8_matmul_nt_promoted, fp8_matmul_xwt};
     use crate::testutil::{assert_close, rel_err};
 
     fn golden(dir: &str, file: &str) -> Vec<u8> {
@@ -230,6 +230,11 @@ mod tests {
                         .collect();
                 let e = rel_err(&y, &block);
                 assert!(e < 1e-6, "{dir} gemm_block_f32.{x}.{w}: {e:e}");
+                // The literal promoted recipe reproduces the golden block-promoted f32 result closely.
+                fp8_matmul_nt_promoted(&ctx, &mut y, &xq, &wq, Accumulate::Overwrite).unwrap();
+                assert_close(&y, &exact, 1e-5, &format!("{dir} promoted gemm.{x}.{w}"));
+                let e = rel_err(&y, &block);
+                assert!(e < 1e-7, "{dir} promoted gemm_block_f32.{x}.{w}: {e:e}");
             }
         }
     }

@@ -28,6 +28,8 @@ pub enum ScaleFmt {
 }
 
 const ABS: u32 = 0x7FFF_FFFF;
+/// Column strip width of the transposed quantizer (128 rows × 256 f32 = 128 KiB, L2-resident).
+const STRIP: usize = 256;
 const INF_BITS: u32 = 0x7F80_0000;
 
 /// (factor applied before encoding, stored scale) for a finite amax.
@@ -81,38 +83,34 @@ fn act_row_impl(codes: &mut [u8], scales: &mut [f32], x: &[f32], fmt: ScaleFmt) 
     None
 }
 
-/// A block of up to 128 rows for the transposed (128×1) tiling: column maxima, then encode into `tile`
-/// (row-major, the input's layout). Returns the (row, col) in the block of the first non-finite value.
+/// A block of up to 128 rows for the transposed (128×1) tiling: column maxima of the strip
+/// `c0..c0 + colmax.len()`, then each column's factor and scale. Returns the (row, col) in the block of the first non-finite value.
 #[inline(always)]
 fn act_t_block_impl(
-    tile: &mut [u8],
     colmax: &mut [u32],
     factors: &mut [f32],
     scales: &mut [f32],
     x: &[f32],
     cols: usize,
+    c0: usize,
     fmt: ScaleFmt,
 ) -> Option<(usize, usize)> {
+    let cw = colmax.len();
     colmax.fill(0);
     for row in x.chunks_exact(cols) {
-        for (m, v) in colmax.iter_mut().zip(row) {
+        for (m, v) in colmax.iter_mut().zip(&row[c0..c0 + cw]) {
             *m = (*m).max(v.to_bits() & ABS);
         }
     }
     if let Some(c) = colmax.iter().position(|&m| m >= INF_BITS) {
         let r = x
             .chunks_exact(cols)
-            .position(|row| !row[c].is_finite())
+            .position(|row| !row[c0 + c].is_finite())
             .unwrap_or(0);
-        return Some((r, c));
+        return Some((r, c0 + c));
     }
     for ((f, s), &m) in factors.iter_mut().zip(scales.iter_mut()).zip(colmax.iter()) {
         (*f, *s) = tile_params(f32::from_bits(m), fmt);
-    }
-    for (t, row) in tile.chunks_exact_mut(cols).zip(x.chunks_exact(cols)) {
-        for ((o, &v), &f) in t.iter_mut().zip(row).zip(factors.iter()) {
-            *o = e4m3_from_bits((v * f).to_bits());
-        }
     }
     None
 }
@@ -178,9 +176,154 @@ macro_rules! dispatch {
 }
 dispatch!(act_row, act_row_avx2, act_row_impl, (codes: &mut [u8], scales: &mut [f32], x: &[f32], fmt: ScaleFmt) -> Option<usize>);
 dispatch!(act_t_block, act_t_block_avx2, act_t_block_impl,
-    (tile: &mut [u8], colmax: &mut [u32], factors: &mut [f32], scales: &mut [f32], x: &[f32], cols: usize, fmt: ScaleFmt) -> Option<(usize, usize)>);
+    (colmax: &mut [u32], factors: &mut [f32], scales: &mut [f32], x: &[f32], cols: usize, c0: usize, fmt: ScaleFmt) -> Option<(usize, usize)>);
 dispatch!(weight_band, weight_band_avx2, weight_band_impl,
     (codes: &mut [u8], scales: &mut [f32], w: &[f32], cols: usize, fmt: ScaleFmt) -> Option<(usize, usize)>);
+
+/// Encodes the strip `x[r, c0 + c]` (r < br = x.len() / cols, c < factors.len()) with column factors and
+/// writes it transposed: `dst[c · stride + r] = e4m3(x[r, c0 + c] · factors[c])`. Full 16×16 sub-blocks
+/// are encoded row-wise (vectorizable) and turned by [`transpose16`], the edges element by element.
+///
+/// # Safety
+/// `dst[c · stride + r]` must be writable for every such c and r, and no other thread may access it.
+#[inline(always)]
+unsafe fn encode_t_store_impl(
+    x: &[f32],
+    cols: usize,
+    c0: usize,
+    factors: &[f32],
+    dst: *mut u8,
+    stride: usize,
+) {
+    let (br, cw) = (x.len() / cols, factors.len());
+    let (fr, fc) = (br / 16 * 16, cw / 16 * 16);
+    for cb in (0..fc).step_by(16) {
+        let f = &factors[cb..cb + 16];
+        for rb in (0..fr).step_by(16) {
+            let mut blk = [[0u8; 16]; 16];
+            for (i, b) in blk.iter_mut().enumerate() {
+                let at = (rb + i) * cols + c0 + cb;
+                for ((o, &v), &f) in b.iter_mut().zip(&x[at..at + 16]).zip(f) {
+                    *o = e4m3_from_bits((v * f).to_bits());
+                }
+            }
+            for (j, row) in transpose16(&blk).iter().enumerate() {
+                // SAFETY: column cb + j < cw and rows rb..rb + 16 ≤ br, writable by the caller's contract.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(row.as_ptr(), dst.add((cb + j) * stride + rb), 16)
+                };
+            }
+        }
+    }
+    // Edges: the rows below the last full 16-row group, and the columns right of the last 16-column group.
+    for (c, &f) in factors.iter().enumerate() {
+        let rs = if c < fc { fr } else { 0 };
+        for r in rs..br {
+            let v = e4m3_from_bits((x[r * cols + c0 + c] * f).to_bits());
+            // SAFETY: c < cw and r < br (the caller's contract).
+            unsafe { *dst.add(c * stride + r) = v };
+        }
+    }
+}
+
+/// [`encode_t_store_impl`] compiled for AVX-512, AVX2 or the baseline (widest supported first); the same
+/// IEEE operations in every build, so the same bits.
+///
+/// # Safety
+/// As for [`encode_t_store_impl`].
+unsafe fn encode_t_store(
+    x: &[f32],
+    cols: usize,
+    c0: usize,
+    factors: &[f32],
+    dst: *mut u8,
+    stride: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+        unsafe fn wide(x: &[f32], cols: usize, c0: usize, f: &[f32], dst: *mut u8, stride: usize) {
+            // SAFETY: forwarded caller contract.
+            unsafe { encode_t_store_impl(x, cols, c0, f, dst, stride) }
+        }
+        #[target_feature(enable = "avx2")]
+        unsafe fn avx2(x: &[f32], cols: usize, c0: usize, f: &[f32], dst: *mut u8, stride: usize) {
+            // SAFETY: forwarded caller contract.
+            unsafe { encode_t_store_impl(x, cols, c0, f, dst, stride) }
+        }
+        if crate::simd::has_avx512() {
+            // SAFETY: the CPU supports AVX-512 F/BW/VL (checked just above); caller contract forwarded.
+            return unsafe { wide(x, cols, c0, factors, dst, stride) };
+        }
+        if crate::simd::has_avx2() {
+            // SAFETY: the CPU supports AVX2 (checked just above); caller contract forwarded.
+            return unsafe { avx2(x, cols, c0, factors, dst, stride) };
+        }
+    }
+    // SAFETY: forwarded caller contract.
+    unsafe { encode_t_store_impl(x, cols, c0, factors, dst, stride) }
+}
+
+/// Transposes a 16×16 byte block: `out[j][i] = m[i][j]`. On x86-64 four rounds of SSE2 unpacks (baseline
+/// instructions), elsewhere plain loops.
+#[inline(always)]
+fn transpose16(m: &[[u8; 16]; 16]) -> [[u8; 16]; 16] {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::*;
+        // SAFETY: SSE2 is part of the x86-64 baseline; the loads and stores read and write 16-byte arrays.
+        unsafe {
+            let r: [__m128i; 16] = std::array::from_fn(|i| _mm_loadu_si128(m[i].as_ptr().cast()));
+            // Round 1: byte pairs of rows (2i, 2i+1); s1[g·8 + i] holds columns 8g..8g+8.
+            let s1: [__m128i; 16] = std::array::from_fn(|q| {
+                let (g, i) = (q / 8, q % 8);
+                if g == 0 {
+                    _mm_unpacklo_epi8(r[2 * i], r[2 * i + 1])
+                } else {
+                    _mm_unpackhi_epi8(r[2 * i], r[2 * i + 1])
+                }
+            });
+            // Round 2: s2[4q + j] holds columns 4q..4q+4 of rows 4j..4j+4.
+            let s2: [__m128i; 16] = std::array::from_fn(|x| {
+                let (q, j) = (x / 4, x % 4);
+                let (g, h) = (q / 2, q % 2);
+                let (a, b) = (s1[8 * g + 2 * j], s1[8 * g + 2 * j + 1]);
+                if h == 0 {
+                    _mm_unpacklo_epi16(a, b)
+                } else {
+                    _mm_unpackhi_epi16(a, b)
+                }
+            });
+            // Round 3: s3[2p + l] holds columns 2p, 2p+1 of rows 8l..8l+8.
+            let s3: [__m128i; 16] = std::array::from_fn(|x| {
+                let (p, l) = (x / 2, x % 2);
+                let (q, h) = (p / 2, p % 2);
+                let (a, b) = (s2[4 * q + 2 * l], s2[4 * q + 2 * l + 1]);
+                if h == 0 {
+                    _mm_unpacklo_epi32(a, b)
+                } else {
+                    _mm_unpackhi_epi32(a, b)
+                }
+            });
+            // Round 4: column c, all 16 rows.
+            let mut out = [[0u8; 16]; 16];
+            for (c, o) in out.iter_mut().enumerate() {
+                let (a, b) = (s3[c & !1], s3[(c & !1) + 1]);
+                let v = if c % 2 == 0 {
+                    _mm_unpacklo_epi64(a, b)
+                } else {
+                    _mm_unpackhi_epi64(a, b)
+                };
+                _mm_storeu_si128(o.as_mut_ptr().cast(), v);
+            }
+            out
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        std::array::from_fn(|j| std::array::from_fn(|i| m[i][j]))
+    }
+}
 
 /// Collects the first error any parallel piece reports (the lowest row wins, so the message is stable).
 struct FirstError(std::sync::Mutex<Option<(usize, usize)>>);
@@ -267,39 +410,43 @@ pub fn quantize_act_t(
     );
     ctx.for_each_index_init(
         rb,
-        || {
-            (
-                vec![0u8; TILE * cols],
-                vec![0u32; cols],
-                vec![0f32; cols],
-                vec![0f32; cols],
-            )
-        },
-        |(tile, colmax, factors, scales), b| {
+        || (vec![0u32; STRIP], vec![0f32; STRIP], vec![0f32; STRIP]),
+        |(colmax, factors, scales), b| {
             let (r0, r1) = (b * TILE, ((b + 1) * TILE).min(rows));
-            let br = r1 - r0;
-            if let Some((r, c)) = act_t_block(
-                &mut tile[..br * cols],
-                colmax,
-                factors,
-                scales,
-                &x[r0 * cols..r1 * cols],
-                cols,
-                fmt,
-            ) {
-                err.report((r0 + r, c));
-                return;
-            }
-            // SAFETY: block b writes codes_t[c, r0..r1] and scales_t[c, b] for every c: disjoint across
-            // blocks and in bounds (lengths checked above).
-            for c in 0..cols {
-                unsafe {
-                    *sp.get().add(c * rb + b) = scales[c];
-                    let dst = cp.get().add(c * rows + r0);
-                    for i in 0..br {
-                        *dst.add(i) = tile[i * cols + c];
-                    }
+            let xb = &x[r0 * cols..r1 * cols];
+            // Column strips keep the block's input in L2 between the max pass and the encode pass.
+            for s0 in (0..cols).step_by(STRIP) {
+                let cw = (cols - s0).min(STRIP);
+                let scales = &mut scales[..cw];
+                if let Some((r, c)) = act_t_block(
+                    &mut colmax[..cw],
+                    &mut factors[..cw],
+                    scales,
+                    xb,
+                    cols,
+                    s0,
+                    fmt,
+                ) {
+                    err.report((r0 + r, c));
+                    return;
                 }
+                // SAFETY: block b writes codes_t[c, r0..r1] and scales_t[c, b] for its columns c: disjoint
+                // across blocks and in bounds (lengths checked above).
+                for (c, &s) in scales.iter().enumerate() {
+                    unsafe { *sp.get().add((s0 + c) * rb + b) = s };
+                }
+                // SAFETY: block b alone writes codes_t[s0 + c, r0..r1] for c < cw, in bounds (codes_t is
+                // [cols, rows], length checked above).
+                unsafe {
+                    encode_t_store(
+                        xb,
+                        cols,
+                        s0,
+                        &factors[..cw],
+                        cp.get().add(s0 * rows + r0),
+                        rows,
+                    )
+                };
             }
         },
     );
@@ -383,9 +530,38 @@ mod tests {
     }
 
     #[test]
+    fn block_transpose_matches_scalar() {
+        let m: [[u8; 16]; 16] =
+            std::array::from_fn(|i| std::array::from_fn(|j| (i * 16 + j) as u8));
+        let t = transpose16(&m);
+        for i in 0..16 {
+            for j in 0..16 {
+                assert_eq!(t[j][i], m[i][j], "({i}, {j})");
+            }
+        }
+        // The strip encoder against the scalar rule, with partial 16-blocks on both edges.
+        let (br, cols, c0, cw, stride) = (37, 70, 3, 50, 41);
+        let x: Vec<f32> = (0..br * cols)
+            .map(|i| (i % 97) as f32 * 0.37 - 17.0)
+            .collect();
+        let f: Vec<f32> = (0..cw).map(|c| 0.5 + c as f32 * 0.25).collect();
+        let mut dst = vec![0u8; cw * stride];
+        // SAFETY: dst holds cw rows of `stride` ≥ br bytes.
+        unsafe { encode_t_store(&x, cols, c0, &f, dst.as_mut_ptr(), stride) };
+        for r in 0..br {
+            for c in 0..cw {
+                let want = crate::fp8::e4m3_encode(x[r * cols + c0 + c] * f[c]);
+                assert_eq!(dst[c * stride + r], want, "({r}, {c})");
+            }
+        }
+    }
+
+    #[test]
     fn simd_builds_give_baseline_bits() {
         let mut rng = Rng::seeded("quant-simd");
-        let x: Vec<f32> = (0..4000).map(|i| (rng.uniform() * 2f64.powi(i % 40 - 20)) as f32).collect();
+        let x: Vec<f32> = (0..4000)
+            .map(|i| (rng.uniform() * 2f64.powi(i % 40 - 20)) as f32)
+            .collect();
         for fmt in [ScaleFmt::F32, ScaleFmt::Ue8m0] {
             let (mut c1, mut s1) = (vec![0u8; x.len()], vec![0f32; 32]);
             let (mut c2, mut s2) = (vec![0u8; x.len()], vec![0f32; 32]);

@@ -311,6 +311,74 @@ impl DecoderLayer {
         Ok(dx)
     }
 
+    /// Combine backward: dh [n, d] → (gradient of the gate-weighted expert rows [R, d], the shared
+    /// expert's input gradient [n, d]). The residual part of dh passes to [`Self::attn_backward`] unchanged.
+    pub fn combine_backward<T: Real>(
+        &self,
+        rt: &Runtime,
+        p: &ParamStore<T>,
+        dh: &[T],
+        disp: &Dispatched<T>,
+        s: CombineSaved<T>,
+        sink: &mut WSink<'_, T>,
+    ) -> Result<(Vec<T>, Vec<T>)> {
+        let Ffn::Moe { shared, .. } = &self.ffn else {
+            return Err(ModelError::Input(format!(
+                "layer {} is dense: no combine",
+                self.layer
+            )));
+        };
+        let dperm = moe::combine_backward(dh, disp);
+        let mut du = vec![T::ZERO; dh.len()];
+        if let (Some(mlp), Some(ss)) = (shared, s.shared) {
+            mlp.backward_input(rt, p, &mut du, Accumulate::Overwrite, dh.to_vec(), ss, sink)?;
+        }
+        Ok((dperm, du))
+    }
+
+    /// Experts backward: gradient of the weighted expert rows [R, d] → (dx_perm [R, d], dgate [R]).
+    pub fn experts_backward<T: Real>(
+        &self,
+        rt: &Runtime,
+        p: &ParamStore<T>,
+        dperm: &[T],
+        s: ExpertsSaved<T>,
+        sink: &mut WSink<'_, T>,
+    ) -> Result<(Vec<T>, Vec<T>)> {
+        match &self.ffn {
+            Ffn::Moe { experts, .. } => experts.backward_input(rt, p, dperm, s, sink),
+            Ffn::Dense(_) => Err(ModelError::Input(format!(
+                "layer {} is dense: no experts",
+                self.layer
+            ))),
+        }
+    }
+
+    /// Dispatch backward (the gradient combine) and the router backward: adds the routed experts' input
+    /// gradients and the router's (gate weights and balance loss) into du [n, d].
+    pub fn dispatch_backward<T: Real>(
+        &self,
+        rt: &Runtime,
+        p: &ParamStore<T>,
+        du: &mut [T],
+        dx_perm: &[T],
+        dgate: &[T],
+        disp: &Dispatched<T>,
+        routing: Routing<T>,
+        loss_scale: f64,
+        sink: &mut WSink<'_, T>,
+    ) -> Result<()> {
+        let Ffn::Moe { router, .. } = &self.ffn else {
+            return Err(ModelError::Input(format!(
+                "layer {} is dense: no dispatch",
+                self.layer
+            )));
+        };
+        let mut dw = vec![T::ZERO; routing.n * routing.k];
+        moe::dispatch_backward(du, &mut dw, dx_perm, dgate, disp);
+        router.backward_input(rt, p, du, &dw, routing, loss_scale, sink)
+    }
+
     /// B for the whole layer: dh [n, d] → dx [n, d]; `loss_scale` scales the balance-loss gradient.
     pub fn backward_input<T: Real>(
         &self,
@@ -327,29 +395,21 @@ impl DecoderLayer {
             (Ffn::Dense(mlp), FfnSaved::Dense(ms)) => {
                 mlp.backward_input(rt, p, &mut du, Accumulate::Overwrite, dh.clone(), ms, sink)?;
             }
-            (
-                Ffn::Moe {
-                    router,
-                    experts,
-                    shared,
-                },
-                FfnSaved::Moe(ms),
-            ) => {
+            (Ffn::Moe { .. }, FfnSaved::Moe(ms)) => {
                 let MoeSaved {
                     routing,
                     disp,
                     experts: es,
                     combine,
                 } = *ms;
-                // Combine backward (gradient dispatch), experts backward, dispatch backward (gradient combine).
-                let dperm = moe::combine_backward(&dh, &disp);
-                let (dxp, dgate) = experts.backward_input(rt, p, &dperm, es, sink)?;
-                let mut dw = vec![T::ZERO; n * routing.k];
-                moe::dispatch_backward(&mut du, &mut dw, &dxp, &dgate, &disp);
-                if let (Some(mlp), Some(ss)) = (shared, combine.shared) {
-                    mlp.backward_input(rt, p, &mut du, Accumulate::Add, dh.clone(), ss, sink)?;
-                }
-                router.backward_input(rt, p, &mut du, &dw, routing, loss_scale, sink)?;
+                // Combine backward (gradient dispatch + shared expert), experts backward, dispatch backward
+                // (gradient combine) with the router.
+                let (dperm, du_shared) = self.combine_backward(rt, p, &dh, &disp, combine, sink)?;
+                du = du_shared;
+                let (dxp, dgate) = self.experts_backward(rt, p, &dperm, es, sink)?;
+                self.dispatch_backward(
+                    rt, p, &mut du, &dxp, &dgate, &disp, routing, loss_scale, sink,
+                )?;
             }
             _ => {
                 return Err(ModelError::Input(format!(

@@ -195,7 +195,7 @@ impl Mla {
             &v,
             self.shape(b, t),
             self.scale,
-        );
+        )?;
         let o_in = Arc::new(self.o.input(rt, o.clone(), n)?);
         let y = self.o.forward(rt, p, &o_in)?;
         Ok((
@@ -260,7 +260,7 @@ impl Mla {
             &s.lse,
             self.shape(b, t),
             self.scale,
-        );
+        )?;
         // dkv [n, h, d_n + d_v]; dk_pe [n, d_r] summed over heads
         let mut dkv = vec![T::ZERO; n * h * (dn + dv)];
         let mut dkpe = vec![T::ZERO; n * dr];
