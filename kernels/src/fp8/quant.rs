@@ -530,7 +530,7 @@ mod tests {
     }
 
     #[test]
-    fn block_transpose_matches_scalar() {
+    fn block_transpose_and_strip_encoder_match_scalar() {
         let m: [[u8; 16]; 16] =
             std::array::from_fn(|i| std::array::from_fn(|j| (i * 16 + j) as u8));
         let t = transpose16(&m);

@@ -169,7 +169,7 @@ impl DecoderLayer {
         let mut a = x.clone();
         let (y, mla) = self.mla.forward(rt, p, x, b, t)?;
         add_into(&mut a, &y);
-        let (u, post_ln) = self.post_ln.forward(p, a.clone());
+        let (u, post_ln) = self.post_ln.forward(p, a.clone())?;
         let routing = match &self.ffn {
             Ffn::Dense(_) => None,
             Ffn::Moe { router, .. } => {
@@ -464,7 +464,7 @@ impl Head {
         h: Vec<T>,
     ) -> Result<(Vec<T>, Vec<T>, HeadSaved<T>)> {
         let n = h.len() / self.norm.d;
-        let (hn, norm) = self.norm.forward(p, h);
+        let (hn, norm) = self.norm.forward(p, h)?;
         let x = Arc::new(self.lm.input(rt, hn.clone(), n)?);
         let logits = self.lm.forward(rt, p, &x)?;
         Ok((hn, logits, HeadSaved { norm, x }))
@@ -588,8 +588,8 @@ impl MtpModule {
         }
         let n = b * t_out;
         let emb = embed.forward(p, &toks)?;
-        let (en, enorm) = self.enorm.forward(p, emb);
-        let (hn, hnorm) = self.hnorm.forward(p, hsel);
+        let (en, enorm) = self.enorm.forward(p, emb)?;
+        let (hn, hnorm) = self.hnorm.forward(p, hsel)?;
         let mut cat = Vec::with_capacity(n * 2 * d);
         for r in 0..n {
             cat.extend_from_slice(&en[r * d..(r + 1) * d]);

@@ -12,7 +12,7 @@
 
 use super::norm::{NormSaved, RmsNorm};
 use super::{WJob, WSink, pid};
-use crate::ops::{AttnShape, attention_backward, attention_forward, rope_apply, rope_table};
+use crate::ops::{AttnShape, attention_backward, attention_forward};
 use crate::params::ParamStore;
 use crate::precision::{LinInput, Linear, Runtime};
 use crate::{ModelConfig, ModelError, Result};
@@ -149,16 +149,15 @@ impl Mla {
         let n = b * t;
         let (h, dn, dr, dv, rkv) = (self.h, self.dn, self.dr, self.dv, self.rkv);
         let dqk = dn + dr;
-        let table = rope_table::<T>(t, dr, self.theta);
         // xn [n, d]
-        let (xn, ln_in) = self.ln_in.forward(p, x);
+        let (xn, ln_in) = self.ln_in.forward(p, x)?;
         let xn = Arc::new(self.q_a.input(rt, xn, n)?);
         // qa [n, r_q] → cq [n, r_q] → q [n, h, d_qk]
         let qa = self.q_a.forward(rt, p, &xn)?;
-        let (cq, q_a_ln) = self.q_a_ln.forward(p, qa);
+        let (cq, q_a_ln) = self.q_a_ln.forward(p, qa)?;
         let cq = Arc::new(self.q_b.input(rt, cq, n)?);
         let mut q = self.q_b.forward(rt, p, &cq)?;
-        rope_apply(&mut q, n, h * dqk, h, dqk, dn, dr, t, &table, false);
+        self.rope(&mut q, t, h, dqk, dn, false)?;
         // kva [n, r_kv + d_r] → c_kv [n, r_kv], k_pe [n, d_r]
         let kva = self.kv_a.forward(rt, p, &xn)?;
         let mut craw = Vec::with_capacity(n * rkv);
@@ -167,8 +166,8 @@ impl Mla {
             craw.extend_from_slice(&kva[r * (rkv + dr)..r * (rkv + dr) + rkv]);
             kpe.extend_from_slice(&kva[r * (rkv + dr) + rkv..(r + 1) * (rkv + dr)]);
         }
-        rope_apply(&mut kpe, n, dr, 1, dr, 0, dr, t, &table, false);
-        let (ckv, kv_a_ln) = self.kv_a_ln.forward(p, craw);
+        self.rope(&mut kpe, t, 1, dr, 0, false)?;
+        let (ckv, kv_a_ln) = self.kv_a_ln.forward(p, craw)?;
         let ckv = Arc::new(self.kv_b.input(rt, ckv, n)?);
         // kv [n, h, d_n + d_v] → k [n, h, d_qk], v [n, h, d_v]
         let kv = self.kv_b.forward(rt, p, &ckv)?;
@@ -233,7 +232,6 @@ impl Mla {
         let n = b * t;
         let (h, dn, dr, dv, rkv) = (self.h, self.dn, self.dr, self.dv, self.rkv);
         let dqk = dn + dr;
-        let table = rope_table::<T>(t, dr, self.theta);
         // do [n, h·d_v]
         let mut dout = vec![T::ZERO; n * h * dv];
         self.o
@@ -292,7 +290,7 @@ impl Mla {
             &s.kv_a_ln,
             sink,
         )?;
-        rope_apply(&mut dkpe, n, dr, 1, dr, 0, dr, t, &table, true);
+        self.rope(&mut dkpe, t, 1, dr, 0, true)?;
         let mut dkva = Vec::with_capacity(n * (rkv + dr));
         for r in 0..n {
             dkva.extend_from_slice(&dcraw[r * rkv..(r + 1) * rkv]);
@@ -308,7 +306,7 @@ impl Mla {
             dy: dkva,
         })?;
         // Query path.
-        rope_apply(&mut dq, n, h * dqk, h, dqk, dn, dr, t, &table, true);
+        self.rope(&mut dq, t, h, dqk, dn, true)?;
         let rq = self.q_a_ln.d;
         let mut dcq = vec![T::ZERO; n * rq];
         self.q_b
@@ -331,5 +329,31 @@ impl Mla {
         // Input norm.
         self.ln_in
             .backward_input(p, dx, Accumulate::Add, dxn, &s.ln_in, sink)
+    }
+
+    /// Rotates the `d_r` RoPE dims at `offset` of every head row of `x` [b·t, heads, head_stride] in
+    /// place with `kernels::rope_forward` (or, with `inverse`, `kernels::rope_backward`); positions
+    /// restart at 0 in each sequence of `t` rows.
+    fn rope<T: Real>(
+        &self,
+        x: &mut [T],
+        t: usize,
+        heads: usize,
+        head_stride: usize,
+        offset: usize,
+        inverse: bool,
+    ) -> Result<()> {
+        let per_seq = t * heads * head_stride;
+        if per_seq == 0 {
+            return Ok(());
+        }
+        for seq in x.chunks_mut(per_seq) {
+            if inverse {
+                kernels::rope_backward(seq, t, heads, head_stride, offset, self.dr, self.theta, 0)?;
+            } else {
+                kernels::rope_forward(seq, t, heads, head_stride, offset, self.dr, self.theta, 0)?;
+            }
+        }
+        Ok(())
     }
 }

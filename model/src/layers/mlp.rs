@@ -6,7 +6,6 @@
 
 use super::{WJob, WSink, pid};
 use crate::Result;
-use crate::ops::{swiglu_backward, swiglu_forward};
 use crate::params::ParamStore;
 use crate::precision::{LinInput, Linear, Runtime};
 use kernels::{Accumulate, Real};
@@ -61,7 +60,7 @@ impl Mlp {
         let g = self.gate.forward(rt, p, &x)?;
         let u = self.up.forward(rt, p, &x)?;
         let mut act = vec![T::ZERO; m * self.width];
-        swiglu_forward(&mut act, &g, &u);
+        kernels::swiglu_forward(&mut act, &g, &u, m * self.width)?;
         let act = Arc::new(self.down.input(rt, act, m)?);
         let y = self.down.forward(rt, p, &act)?;
         Ok((y, MlpSaved { x, g, u, act }))
@@ -89,7 +88,7 @@ impl Mlp {
         })?;
         let mut dg = vec![T::ZERO; m * self.width];
         let mut du = vec![T::ZERO; m * self.width];
-        swiglu_backward(&mut dg, &mut du, &dact, &s.g, &s.u);
+        kernels::swiglu_backward(&mut dg, &mut du, &dact, &s.g, &s.u, m * self.width)?;
         self.gate.backward_input(rt, p, dx, &dg, m, acc)?;
         self.up.backward_input(rt, p, dx, &du, m, Accumulate::Add)?;
         sink.push(WJob::Linear {

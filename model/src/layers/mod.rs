@@ -67,7 +67,7 @@ impl<T: Real> WJob<T> {
             WJob::Linear { lin, x, dy } => lin.backward_weight(rt, grads, dy, x),
             WJob::Norm { w, x, rstd, dy, d } => {
                 let n = rstd.len();
-                crate::ops::rmsnorm_backward_weight(grads.slice_mut(*w), dy, x, rstd, n, *d);
+                kernels::rmsnorm_backward_weight(grads.slice_mut(*w), dy, x, rstd, n, *d)?;
                 Ok(())
             }
             WJob::Embedding { w, tokens, dy, d } => {

@@ -18,7 +18,6 @@
 
 use super::mlp::{Mlp, MlpSaved};
 use super::{WJob, WSink, pid};
-use crate::ops::sigmoid;
 use crate::params::ParamStore;
 use crate::precision::{LinInput, Linear, Runtime};
 use crate::{ModelConfig, Result};
@@ -102,7 +101,8 @@ impl Router {
         let (e, k) = (self.e, self.k);
         let u = Arc::new(self.gate.input(rt, u.to_vec(), n)?);
         let z = self.gate.forward(rt, p, &u)?;
-        let scores: Vec<T> = z.iter().map(|&v| sigmoid(v)).collect();
+        let mut scores = vec![T::ZERO; z.len()];
+        kernels::sigmoid(&mut scores, &z)?;
         let mut topk_idx = Vec::with_capacity(n * k);
         let mut topk_weight = Vec::with_capacity(n * k);
         let mut expert_load = vec![0u64; e];

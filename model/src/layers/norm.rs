@@ -31,18 +31,26 @@ pub struct NormSaved<T: Real> {
 
 impl RmsNorm {
     /// Forward: x [n, d] → y [n, d].
-    pub fn forward<T: Real>(&self, p: &ParamStore<T>, x: Vec<T>) -> (Vec<T>, NormSaved<T>) {
+    pub fn forward<T: Real>(&self, p: &ParamStore<T>, x: Vec<T>) -> Result<(Vec<T>, NormSaved<T>)> {
         let n = x.len() / self.d;
         let mut y = vec![T::ZERO; x.len()];
         let mut rstd = vec![T::ZERO; n];
-        crate::ops::rmsnorm_forward(&mut y, &mut rstd, &x, p.slice(self.w), n, self.d, self.eps);
-        (
+        kernels::rmsnorm_forward(
+            &mut y,
+            &mut rstd,
+            &x,
+            p.slice(self.w),
+            n,
+            self.d,
+            T::from_f64(self.eps),
+        )?;
+        Ok((
             y,
             NormSaved {
                 x: Arc::new(x),
                 rstd: Arc::new(rstd),
             },
-        )
+        ))
     }
 
     /// B: dx [n, d] (overwrite or add) from dy [n, d]; emits the weight-gradient job (consuming dy).
@@ -56,18 +64,25 @@ impl RmsNorm {
         sink: &mut WSink<'_, T>,
     ) -> Result<()> {
         let n = saved.rstd.len();
-        if acc == Accumulate::Overwrite {
-            dx.iter_mut().for_each(|v| *v = T::ZERO);
+        let w = p.slice(self.w);
+        match acc {
+            Accumulate::Overwrite => {
+                kernels::rmsnorm_backward_input(dx, &dy, &saved.x, w, &saved.rstd, n, self.d)?;
+            }
+            Accumulate::Add => {
+                let mut part = vec![T::ZERO; dx.len()];
+                kernels::rmsnorm_backward_input(
+                    &mut part,
+                    &dy,
+                    &saved.x,
+                    w,
+                    &saved.rstd,
+                    n,
+                    self.d,
+                )?;
+                dx.iter_mut().zip(&part).for_each(|(a, &b)| *a += b);
+            }
         }
-        crate::ops::rmsnorm_backward_input(
-            dx,
-            &dy,
-            &saved.x,
-            p.slice(self.w),
-            &saved.rstd,
-            n,
-            self.d,
-        );
         sink.push(WJob::Norm {
             w: self.w,
             x: saved.x.clone(),
