@@ -84,6 +84,48 @@ fn check3<T>(
     check_len(b.0, b.2.len(), b.1)
 }
 
+/// `out[rows, cols] (+)= lhs · rhs` with `out` row-major and contiguous, over `inner` products.
+/// The three public layouts differ only in the strides of `lhs` and `rhs`; the caller has
+/// checked every length, and the views address only elements of the slices they were made from.
+fn gemm_into<T: Real>(
+    ctx: &ExecCtx,
+    out: &mut [T],
+    (rows, cols, inner): (usize, usize, usize),
+    acc: Accumulate,
+    lhs: (&[T], usize, usize),
+    rhs: (&[T], usize, usize),
+) {
+    ctx.install(|| {
+        let (lhs, rhs) = (view(lhs), view(rhs));
+        // SAFETY: the caller checked the lengths of `out` and of the slices behind the views;
+        // `out` is a distinct &mut borrow, so it aliases neither operand.
+        unsafe {
+            gemm_raw(
+                ctx.gemm_parallelism(),
+                rows,
+                cols,
+                inner,
+                out.as_mut_ptr(),
+                cols as isize,
+                1,
+                acc,
+                lhs,
+                rhs,
+                T::ONE,
+            )
+        }
+    });
+}
+
+/// A strided view of `s` from `(slice, row stride, column stride)`.
+fn view<T>((s, rs, cs): (&[T], usize, usize)) -> View<T> {
+    View {
+        ptr: s.as_ptr(),
+        rs: rs as isize,
+        cs: cs as isize,
+    }
+}
+
 /// Forward layout: `y[m,n] (+)= x[m,k] · w[n,k]ᵀ` (a linear layer with PyTorch's `[out, in]` weights).
 pub fn matmul_xwt<T: Real>(
     ctx: &ExecCtx,
@@ -100,33 +142,7 @@ pub fn matmul_xwt<T: Real>(
         ("x", dims(&[m, k])?, x),
         ("w", dims(&[n, k])?, w),
     )?;
-    let (ni, ki) = (n as isize, k as isize);
-    ctx.install(|| {
-        // SAFETY: lengths checked above; y is a distinct &mut borrow.
-        unsafe {
-            gemm_raw(
-                ctx.gemm_parallelism(),
-                m,
-                n,
-                k,
-                y.as_mut_ptr(),
-                ni,
-                1,
-                acc,
-                View {
-                    ptr: x.as_ptr(),
-                    rs: ki,
-                    cs: 1,
-                },
-                View {
-                    ptr: w.as_ptr(),
-                    rs: 1,
-                    cs: ki,
-                },
-                T::ONE,
-            )
-        }
-    });
+    gemm_into(ctx, y, (m, n, k), acc, (x, k, 1), (w, 1, k));
     Ok(())
 }
 
@@ -146,33 +162,7 @@ pub fn matmul_dyw<T: Real>(
         ("dy", dims(&[m, n])?, dy),
         ("w", dims(&[n, k])?, w),
     )?;
-    let (ni, ki) = (n as isize, k as isize);
-    ctx.install(|| {
-        // SAFETY: lengths checked above; dx is a distinct &mut borrow.
-        unsafe {
-            gemm_raw(
-                ctx.gemm_parallelism(),
-                m,
-                k,
-                n,
-                dx.as_mut_ptr(),
-                ki,
-                1,
-                acc,
-                View {
-                    ptr: dy.as_ptr(),
-                    rs: ni,
-                    cs: 1,
-                },
-                View {
-                    ptr: w.as_ptr(),
-                    rs: ki,
-                    cs: 1,
-                },
-                T::ONE,
-            )
-        }
-    });
+    gemm_into(ctx, dx, (m, k, n), acc, (dy, n, 1), (w, k, 1));
     Ok(())
 }
 
@@ -192,33 +182,7 @@ pub fn matmul_dytx<T: Real>(
         ("dy", dims(&[m, n])?, dy),
         ("x", dims(&[m, k])?, x),
     )?;
-    let (ni, ki) = (n as isize, k as isize);
-    ctx.install(|| {
-        // SAFETY: lengths checked above; dw is a distinct &mut borrow.
-        unsafe {
-            gemm_raw(
-                ctx.gemm_parallelism(),
-                n,
-                k,
-                m,
-                dw.as_mut_ptr(),
-                ki,
-                1,
-                acc,
-                View {
-                    ptr: dy.as_ptr(),
-                    rs: 1,
-                    cs: ni,
-                },
-                View {
-                    ptr: x.as_ptr(),
-                    rs: ki,
-                    cs: 1,
-                },
-                T::ONE,
-            )
-        }
-    });
+    gemm_into(ctx, dw, (n, k, m), acc, (dy, 1, n), (x, k, 1));
     Ok(())
 }
 

@@ -614,6 +614,28 @@ impl Core {
         }
     }
 
+    /// A rank's report ends its job: records `kind` as an event from `worker`, then fails the job and
+    /// stops every other rank, both with the same reason.
+    fn fail_job_for_rank(
+        &mut self,
+        job: &str,
+        worker: &str,
+        kind: &str,
+        why: String,
+        now: UnixMs,
+        actions: &mut Vec<Action>,
+    ) {
+        self.event(job, now, kind, why.clone(), worker, actions);
+        self.end_job(
+            job,
+            pb::JobPhase::Failed,
+            why,
+            pb::CommandKind::Stop,
+            now,
+            actions,
+        );
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn ack(
         &mut self,
@@ -628,15 +650,7 @@ impl Core {
         self.check_held(worker, job, rank)?;
         if !ready {
             let why = format!("rank {rank} rejected its assignment on worker {worker}: {reason}");
-            self.event(job, now, "RankRejected", why.clone(), worker, actions);
-            self.end_job(
-                job,
-                pb::JobPhase::Failed,
-                why,
-                pb::CommandKind::Stop,
-                now,
-                actions,
-            );
+            self.fail_job_for_rank(job, worker, "RankRejected", why, now, actions);
             return Ok(());
         }
         let entry = self
@@ -685,15 +699,7 @@ impl Core {
         self.check_held(worker, job, rank)?;
         if !ok {
             let why = format!("rank {rank} failed on worker {worker}: {reason}");
-            self.event(job, now, "RankFailed", why.clone(), worker, actions);
-            self.end_job(
-                job,
-                pb::JobPhase::Failed,
-                why,
-                pb::CommandKind::Stop,
-                now,
-                actions,
-            );
+            self.fail_job_for_rank(job, worker, "RankFailed", why, now, actions);
             return Ok(());
         }
         let entry = self
