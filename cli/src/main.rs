@@ -37,8 +37,12 @@ enum Command {
     Describe(cmd::describe::Args),
     /// Cancel a job and free its workers.
     Cancel(cmd::cancel::Args),
+    /// Show a job's per-layer, per-expert routing load as a heatmap.
+    Experts(cmd::experts::Args),
     /// Train a job; `--single` runs the whole model in this process.
     Train(cmd::train::Args),
+    /// Run a job on this machine: embedded coordinator, one worker process per rank, live progress.
+    Local(cmd::local::Args),
     /// FP8 tools: `fp8 quantize` shows what E4M3 fine-grained quantization does to a safetensors file.
     Fp8(cmd::fp8::Args),
     /// One fp32 forward/backward of a model directory, dumped in the golden files' layout.
@@ -60,7 +64,9 @@ fn main() -> ExitCode {
         Command::Get(args) => cmd::get::run(args),
         Command::Describe(args) => cmd::describe::run(args),
         Command::Cancel(args) => cmd::cancel::run(args),
+        Command::Experts(args) => cmd::experts::run(args),
         Command::Train(args) => cmd::train::run(args),
+        Command::Local(args) => cmd::local::run(args),
         Command::Fp8(args) => cmd::fp8::run(args),
     };
     match res {

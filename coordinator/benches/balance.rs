@@ -3,17 +3,23 @@
 //! (3 dense) + 1 MTP layer split over 16 stages, so 58 + 1 MoE layers × 256 experts; DualPipe rank
 //! `r` holds stages `r` and `15 − r` (7–8 MoE layers) and reports only those.
 //!
-//! Measured, without network: one full step of ingesting every report, summing, applying the sign
-//! rule and encoding the `BiasUpdate` messages as the RPC would (one per distinct holder set);
-//! the same with reports pre-summed by the ranks of each stage pair (8 reports); the worker-side
-//! pre-sum of one group's 256 reports; and decoding 2048 `StepReport`s. Sizes are printed once.
+//! Measured, without network: **through the coordinator core** (acceptance 4): a running job of
+//! 2048 ranks on 2048 registered workers, one step = 2048 `Event::StepReport`s (counts and bias
+//! checksums, as workers send them) into `Core::handle`, ending in the 2048 `BiasUpdate` send
+//! actions (each holder gets its own layers) and the finished step's progress write; and, on the
+//! bare ledger: one full step of ingesting every report, summing, applying the sign rule and
+//! encoding the `BiasUpdate` messages (one per distinct holder set); the same with reports
+//! pre-summed by the ranks of each stage pair (8 reports); the worker-side pre-sum of one group's
+//! 256 reports; and decoding 2048 `StepReport`s. Sizes are printed once.
 
 use std::hint::black_box;
 
+use coordinator::Config;
 use coordinator::balance::{
     BalanceConfig, BiasLedger, GammaSchedule, LayerCounts, LayerHolders, UpdateVariant,
     bias_update_message, counts_from_report, presum,
 };
+use coordinator::core::{Action, Core, Event, Registration, Submission};
 use criterion::{Criterion, criterion_group, criterion_main};
 use proto::pb;
 
@@ -106,6 +112,188 @@ fn step(ledger: &mut BiasLedger, reports: &[(u32, Vec<LayerCounts>)], sets: &[Ve
     sets.iter()
         .map(|set| proto::encode(&bias_update_message("job", &b, Some(set))).len())
         .sum()
+}
+
+/// A core running a V3-shaped job: 2048 workers (256 nodes × 8 devices), DualPipe P = 16 × D = 128,
+/// EP 8, 256 experts in 8 groups, 61 layers (3 dense) + 1 MTP layer; every rank ready.
+fn running_core() -> Core {
+    let mut core = Core::new(Config::default());
+    let spec = pb::JobSpec {
+        name: "v3".into(),
+        pipeline: P,
+        data: DP,
+        expert: 8,
+        schedule: "dualpipe".into(),
+        micro_batches: 2 * P,
+        steps: 1 << 40,
+        n_routed_experts: EXPERTS as u32,
+        n_group: 8,
+        device_kind: pb::DeviceKind::Cpu as i32,
+        balance: Some(pb::BalanceSpec {
+            num_hidden_layers: DECODER,
+            first_k_dense_replace: DENSE,
+            moe_layer_freq: 1,
+            mtp_depth: 1,
+            rate: 1e-3,
+            stop_after_tokens: None,
+            subtract_mean: false,
+            tokens_per_step: TOKENS,
+        }),
+        ..Default::default()
+    };
+    let sub = Submission {
+        spec,
+        manifest_yaml: String::new(),
+        overrides: Vec::new(),
+        origin: "bench".into(),
+    };
+    core.handle(Event::Submit(Box::new(sub)), 1)
+        .expect("submit");
+    for i in 0..P * DP {
+        let reg = Registration {
+            worker_id: format!("n{}-d{}", i / 8, i % 8),
+            node: format!("n{}", i / 8),
+            devices: vec![pb::Device {
+                kind: pb::DeviceKind::Cpu as i32,
+                index: i % 8,
+                memory_bytes: 80 << 30,
+                data_plane_addr: String::new(),
+            }],
+            data_plane_addr: format!("10.{}.{}.1:7000", i / 256, i % 256),
+        };
+        core.handle(
+            Event::Register {
+                reg,
+                session: u64::from(i),
+            },
+            2,
+        )
+        .expect("register");
+    }
+    let held: Vec<(String, u32)> = core
+        .state
+        .workers
+        .iter()
+        .flat_map(|(id, w)| w.stored.held.iter().map(move |h| (id.clone(), h.rank)))
+        .collect();
+    assert_eq!(held.len(), (P * DP) as usize, "every rank placed");
+    for (worker, rank) in held {
+        core.handle(
+            Event::Ack {
+                worker,
+                job: "v3".into(),
+                rank,
+                ready: true,
+                reason: String::new(),
+            },
+            3,
+        )
+        .expect("ack");
+    }
+    assert_eq!(
+        core.state.jobs["v3"].phase(),
+        pb::JobPhase::Running,
+        "every rank ready"
+    );
+    core
+}
+
+/// The 2048 step-report events of the core's current step, as the workers would send them (the
+/// checksum of the bias each holds, its own counts).
+fn core_step_events(core: &Core, holders: &[(String, u32, Vec<u32>)]) -> Vec<Event> {
+    let ledger = core.runtime["v3"].ledger.as_ref().expect("ledger");
+    let step = ledger.collecting();
+    holders
+        .iter()
+        .map(|(worker, rank, layers)| Event::StepReport {
+            worker: worker.clone(),
+            report: Box::new(pb::StepReport {
+                job: "v3".into(),
+                rank: *rank,
+                step,
+                losses: vec![pb::LossTerm {
+                    name: "total".into(),
+                    value: 2.0,
+                }],
+                tokens: TOKENS,
+                step_seconds: 10.0,
+                expert_counts: counts(*rank, layers)
+                    .into_iter()
+                    .map(|lc| pb::ExpertCounts {
+                        layer: lc.layer,
+                        counts: lc.counts,
+                    })
+                    .collect(),
+                bias_step: ledger.version().unwrap_or(0),
+                bias_checksum: ledger.expected_rank_checksum(*rank).expect("holder"),
+                ..Default::default()
+            }),
+        })
+        .collect()
+}
+
+/// Feeds one step's events; returns the number of `BiasUpdate` sends and their layers in total.
+fn core_step(core: &mut Core, events: Vec<Event>) -> (usize, usize) {
+    let mut updates = (0, 0);
+    for e in events {
+        for a in core.handle(e, 10).expect("report") {
+            if let Action::Send { msg, .. } = a
+                && let Some(pb::coordinator_message::Msg::BiasUpdate(u)) = msg.msg
+            {
+                updates.0 += 1;
+                updates.1 += u.layers.len();
+            }
+        }
+    }
+    updates
+}
+
+fn bench_core(c: &mut Criterion) {
+    let t = std::time::Instant::now();
+    let mut core = running_core();
+    println!(
+        "core: 2048-rank V3 job registered, placed and running in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let placement = core.state.jobs["v3"]
+        .stored
+        .placement
+        .clone()
+        .expect("placed");
+    let ledger = core.runtime["v3"].ledger.as_ref().expect("ledger");
+    assert_eq!(ledger.layers().len(), 59, "58 MoE layers + 1 MTP");
+    let holders: Vec<(String, u32, Vec<u32>)> = placement
+        .ranks
+        .iter()
+        .map(|r| (r.worker_id.clone(), r.rank, ledger.layers_of(r.rank)))
+        .collect();
+    let events = core_step_events(&core, &holders);
+    let (n, layers) = core_step(&mut core, events);
+    assert_eq!(n, 2048, "every holder gets the new bias");
+    assert_eq!(
+        core.state.jobs["v3"]
+            .stored
+            .progress
+            .as_ref()
+            .map(|p| p.step),
+        Some(1)
+    );
+    println!("core: one step sends {n} BiasUpdate messages with {layers} layer biases in total");
+    let mut g = c.benchmark_group("balance_v3_core");
+    g.sample_size(10);
+    g.bench_function("core_step_2048_reports_to_2048_bias_updates", |b| {
+        b.iter_custom(|iters| {
+            let mut total = std::time::Duration::ZERO;
+            for _ in 0..iters {
+                let events = core_step_events(&core, &holders);
+                let t = std::time::Instant::now();
+                black_box(core_step(&mut core, events));
+                total += t.elapsed();
+            }
+            total
+        })
+    });
+    g.finish();
 }
 
 fn bench(c: &mut Criterion) {
@@ -231,5 +419,5 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench);
+criterion_group!(benches, bench_core, bench);
 criterion_main!(benches);

@@ -23,6 +23,7 @@ fn core_with_workers() -> Core {
                 kind: pb::DeviceKind::Cpu as i32,
                 index: i % 8,
                 memory_bytes: 80 << 30,
+                data_plane_addr: String::new(),
             }],
             data_plane_addr: format!("10.0.{}.{}:7000", i / 256, i % 256),
         };
@@ -64,6 +65,7 @@ fn bench(c: &mut Criterion) {
         device_kind: pb::DeviceKind::Cpu as i32,
         heartbeat_interval_ms: 0,
         failure_timeout_ms: 0,
+        ..Default::default()
     };
     c.bench_function("submit-and-place/64-ranks-on-1000-workers", |b| {
         b.iter_batched(

@@ -319,3 +319,237 @@ async fn bad_requests_get_statuses_that_name_the_problem() {
     );
     coord.stop().await.expect("clean shutdown");
 }
+
+/// Per-expert counts a fake rank reports for one layer and step (arbitrary but fixed).
+fn fake_counts(rank: u32, step: u64, layer: u32, experts: usize) -> Vec<u64> {
+    (0..experts as u64)
+        .map(|e| (e * 5 + u64::from(layer) * 3 + u64::from(rank) * 7 + step) % 11)
+        .collect()
+}
+
+/// Issues 6 and 7 through the server: fake workers get their schedule rows, report steps with
+/// expert counts and bias checksums, write checkpoint parts; the coordinator keeps progress and
+/// the step history, sends every holder the ledger's bias, commits the checkpoint to rank 0's
+/// holder, serves the telemetry, and fails the job when a rank's bias checksum is wrong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fake_workers_train_two_steps_with_bias_updates_checkpoints_and_a_caught_bad_checksum() {
+    use plan::layers::LayerLayout;
+    use plan::schedule::ScheduleKind;
+    use proto::pb::worker_message::Msg;
+
+    let overrides = [
+        "spec.checkpointing.dir=/ckpt/micro",
+        "spec.checkpointing.interval=1",
+    ];
+    let coord = Running::start("127.0.0.1:0", Arc::new(MemStore::new()), fast_config()).await;
+    let mut client = coord.client().await;
+    client
+        .submit_job(submit_micro(&overrides))
+        .await
+        .expect("submit");
+    let workers = eight_workers(coord.addr, HB);
+    wait_for("job Running", Duration::from_secs(15), || {
+        let mut c = client.clone();
+        async move { (phase(&mut c, "micro").await == pb::JobPhase::Running).then_some(()) }
+    })
+    .await;
+
+    // Ops: the DualPipe row of each pipeline rank, 8 micro-batches per replica.
+    let schedule = ScheduleKind::DualPipe.generate(4, 8).expect("schedule");
+    let mut holder: Vec<(u32, &FakeWorker, pb::Assignment)> = Vec::new();
+    for w in &workers {
+        let a = w.seen(|s| s.assignments[0].clone());
+        let ops: Vec<_> = a.ops.iter().map(|o| o.to_plan().expect("op")).collect();
+        assert_eq!(ops, schedule.ops[a.pp_idx as usize], "rank {}", a.rank);
+        assert_eq!(
+            (a.checkpoint_dir.as_str(), a.checkpoint_interval),
+            ("/ckpt/micro", 1)
+        );
+        holder.push((a.rank, w, a));
+    }
+    holder.sort_by_key(|(r, _, _)| *r);
+
+    // What each rank routes: micro with 8 layers (layer 0 dense) and one MTP layer (id 8).
+    let sub = coordinator::spec::submission(&micro_manifest(), "m", &overrides.map(String::from))
+        .expect("spec");
+    let bal = sub.spec.balance.expect("balance spec");
+    let layout = LayerLayout {
+        num_hidden_layers: bal.num_hidden_layers,
+        first_k_dense_replace: bal.first_k_dense_replace,
+        moe_layer_freq: bal.moe_layer_freq,
+        mtp_depth: bal.mtp_depth,
+    };
+    assert_eq!(layout.moe_layers(), (1..=8).collect::<Vec<u32>>());
+    let experts = sub.spec.n_routed_experts as usize;
+    let rank_layers: Vec<Vec<u32>> = holder
+        .iter()
+        .map(|(_, _, a)| layout.rank_moe_layers(4, &a.stages))
+        .collect();
+    // Every rank starts from zero bias; the expected bias follows the shared rule.
+    let mut bias: std::collections::BTreeMap<u32, Vec<f32>> = layout
+        .moe_layers()
+        .into_iter()
+        .map(|l| (l, vec![0.0f32; experts]))
+        .collect();
+    let report = |rank: u32, step: u64, bias: &std::collections::BTreeMap<u32, Vec<f32>>| {
+        let layers = &rank_layers[rank as usize];
+        pb::StepReport {
+            job: "micro".into(),
+            rank,
+            step,
+            losses: vec![pb::LossTerm {
+                name: "total".into(),
+                value: 4.0 - step as f64,
+            }],
+            tokens: 512,
+            step_seconds: 0.5 + f64::from(rank) / 100.0,
+            expert_counts: layers
+                .iter()
+                .map(|&layer| pb::ExpertCounts {
+                    layer,
+                    counts: fake_counts(rank, step, layer, experts),
+                })
+                .collect(),
+            bias_step: step.saturating_sub(1),
+            bias_checksum: routing::rank_checksum(layers.iter().map(|l| (*l, bias[l].as_slice()))),
+            grad_norm: 0.8,
+            lr: 1e-3,
+            ..Default::default()
+        }
+    };
+
+    // Step 0: every rank reports; each holder gets the new bias of exactly its layers.
+    for (rank, w, _) in &holder {
+        assert!(w.send(Msg::StepReport(report(*rank, 0, &bias))));
+    }
+    for (layer, b) in bias.iter_mut() {
+        let mut load = vec![0u64; experts];
+        for (rank, layers) in rank_layers.iter().enumerate() {
+            if layers.contains(layer) {
+                for (s, c) in load
+                    .iter_mut()
+                    .zip(fake_counts(rank as u32, 0, *layer, experts))
+                {
+                    *s += c;
+                }
+            }
+        }
+        routing::apply_sign_rule(b, &load, bal.rate, routing::UpdateVariant::Sign);
+    }
+    for (rank, w, _) in &holder {
+        let u = wait_for("bias update", Duration::from_secs(5), || {
+            let u = w.seen(|s| s.bias_updates.first().cloned());
+            async move { u }
+        })
+        .await;
+        assert_eq!(u.step, 0);
+        let layers: Vec<u32> = u.layers.iter().map(|l| l.layer).collect();
+        assert_eq!(layers, rank_layers[*rank as usize], "rank {rank}");
+        for l in &u.layers {
+            assert_eq!(l.values, bias[&l.layer], "rank {rank} layer {}", l.layer);
+        }
+    }
+    let steps = client
+        .job_steps(pb::JobStepsRequest {
+            name: "micro".into(),
+            from_step: 0,
+            limit: 0,
+        })
+        .await
+        .expect("job steps")
+        .into_inner();
+    assert_eq!(steps.steps.len(), 1);
+    let s0 = &steps.steps[0];
+    assert_eq!(
+        (s0.step, s0.tokens, s0.step_seconds),
+        (0, 512, 0.5 + 7.0 / 100.0),
+        "the slowest rank's time"
+    );
+    assert_eq!(s0.layer_loads.len(), 8);
+    let p = steps.job.expect("job").progress.expect("progress");
+    assert_eq!((p.step, p.tokens, p.loss), (1, 512, 4.0));
+
+    // Checkpoint after step 0: committed once all 8 parts are in, at rank 0's holder.
+    let sha = "ab".repeat(32);
+    for (rank, w, _) in &holder {
+        assert!(w.send(Msg::CheckpointWritten(pb::CheckpointWritten {
+            job: "micro".into(),
+            rank: *rank,
+            step: 0,
+            dir: "/ckpt/micro/step-0".into(),
+            files: vec![pb::CheckpointFile {
+                path: format!("rank-{rank}/model.safetensors"),
+                bytes: 10,
+                sha256: sha.clone(),
+            }],
+        })));
+    }
+    let c = wait_for("checkpoint committed", Duration::from_secs(5), || {
+        let c = holder[0].1.seen(|s| s.committed.first().cloned());
+        async move { c }
+    })
+    .await;
+    assert_eq!(
+        (c.step, c.dir.as_str(), c.ranks.len()),
+        (0, "/ckpt/micro/step-0", 8)
+    );
+    assert!(
+        holder[1..]
+            .iter()
+            .all(|(_, w, _)| w.seen(|s| s.committed.is_empty()))
+    );
+    let job = client
+        .get_job(pb::GetJobRequest {
+            name: "micro".into(),
+        })
+        .await
+        .expect("get")
+        .into_inner()
+        .job
+        .expect("job");
+    let info = job.last_checkpoint.expect("last checkpoint");
+    assert_eq!((info.step, info.ranks, info.bytes), (0, 8, 80));
+
+    let loads = client
+        .expert_loads(pb::ExpertLoadsRequest {
+            name: "micro".into(),
+            history: 0,
+        })
+        .await
+        .expect("expert loads")
+        .into_inner();
+    assert_eq!(loads.step, Some(0));
+    assert_eq!(loads.layers.len(), 8);
+    assert_eq!(loads.history.len(), 1);
+
+    // Step 1: rank 5 still routes with the initial bias; the job fails naming it.
+    for (rank, w, _) in &holder {
+        let r = if *rank == 5 {
+            let zero: std::collections::BTreeMap<u32, Vec<f32>> =
+                bias.keys().map(|l| (*l, vec![0.0f32; experts])).collect();
+            report(*rank, 1, &zero)
+        } else {
+            report(*rank, 1, &bias)
+        };
+        assert!(w.send(Msg::StepReport(r)));
+    }
+    wait_for("job Failed", Duration::from_secs(5), || {
+        let mut c = client.clone();
+        async move { (phase(&mut c, "micro").await == pb::JobPhase::Failed).then_some(()) }
+    })
+    .await;
+    let d = client
+        .describe_job(pb::DescribeJobRequest {
+            name: "micro".into(),
+        })
+        .await
+        .expect("describe")
+        .into_inner();
+    let reason = d.job.expect("job").reason;
+    assert!(
+        reason.contains("bias checksum mismatch at step 1: rank 5"),
+        "{reason}"
+    );
+    assert!(d.events.iter().any(|e| e.kind == "BiasChecksumMismatch"));
+    coord.stop().await.expect("clean shutdown");
+}

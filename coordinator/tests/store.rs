@@ -46,6 +46,19 @@ async fn suite<S: StateStore>(store: &S) {
     let mut b = job("b", 1);
     store.put_job(&b).await.expect("put job b");
     b.phase = pb::JobPhase::Running as i32;
+    // Progress and the last complete checkpoint survive a restart with the job record.
+    b.progress = Some(pb::JobProgress {
+        step: 3,
+        tokens: 3000,
+        ..Default::default()
+    });
+    b.last_checkpoint = Some(pb::CheckpointInfo {
+        step: 2,
+        dir: "/ckpt/b/step-2".into(),
+        unix_ms: 1234,
+        ranks: 4,
+        bytes: 4096,
+    });
     store.put_job(&b).await.expect("overwrite job b");
     let w = pb::StoredWorker {
         worker_id: "node0/0".into(),
@@ -94,6 +107,7 @@ async fn suite<S: StateStore>(store: &S) {
         pb::JobPhase::Running as i32,
         "the last write wins"
     );
+    assert_eq!(snap.jobs[1], b, "progress and last checkpoint included");
     assert_eq!(snap.workers, vec![w]);
     let ranks: Vec<(String, u32)> = snap
         .assignments

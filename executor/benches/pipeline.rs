@@ -120,12 +120,14 @@ fn run(
             .map(|(rank, plane)| {
                 let schedule = &schedule;
                 s.spawn(move || {
-                    let pipe_rank = rank as u32 % pipeline;
-                    let replica = rank as u32 / pipeline;
+                    // Ranks are numbered as plan::parallel: pipe_rank · D + replica.
+                    let data = WORLD / pipeline;
+                    let pipe_rank = rank as u32 / data;
+                    let replica = rank as u32 % data;
                     let ctx = RankContext {
                         pipe_rank,
                         peers: (0..pipeline)
-                            .map(|p| (replica * pipeline + p) as usize)
+                            .map(|p| (p * data + replica) as usize)
                             .collect(),
                     };
                     let mut compute =
@@ -255,6 +257,7 @@ fn real_pair_overlap() {
             &opts,
             ScheduleKind::DualPipe,
             2,
+            1,
             1,
             planes,
             timeouts,

@@ -1,4 +1,4 @@
-//! In-process pipelined training: every rank of a pipeline × data-parallel job on its own thread in
+//! In-process pipelined training: every rank of a pipeline × data (× expert) parallel job on its own thread in
 //! this process, connected by [`comm::LocalDataPlane`], each running [`run_step`] over the real model
 //! ([`ModelCompute`]). Used by the equivalence tests against the single-process trainer and by the
 //! benches; the multi-process worker runs the same per-rank loop over TCP.
@@ -7,6 +7,7 @@
 //! so its peers fail within their timeouts instead of hanging, and the first error is returned.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use comm::{DataPlane, LocalDataPlane};
 use model::params::{ParamStore, RoutingBias};
@@ -54,27 +55,31 @@ pub enum InProcessError {
 }
 
 /// Trains `opts.steps` steps of `opts` with `kind` over `pipeline` ranks × `data` replicas in this
-/// process (`opts.micro_batches / data` micro-batches per replica and step) and returns every rank's
-/// result, in data-plane rank order.
+/// process, the routed experts split over expert-parallel groups of `expert` replicas
+/// (`opts.micro_batches / data` micro-batches per replica and step), and returns every rank's
+/// result, in data-plane rank order (`pipe_rank · data + replica`).
 pub fn train_in_process(
     opts: &TrainOptions,
     kind: ScheduleKind,
     pipeline: u32,
     data: u32,
+    expert: u32,
     timeouts: Timeouts,
 ) -> Result<Vec<RankResult>, InProcessError> {
     let planes = LocalDataPlane::create((pipeline * data) as usize);
-    train_with_planes(opts, kind, pipeline, data, planes, timeouts, false)
+    train_with_planes(opts, kind, pipeline, data, expert, planes, timeouts, false)
 }
 
 /// [`train_in_process`] over caller-made planes (`planes[r]` is data-plane rank `r`; e.g. TCP planes
 /// on loopback). Each plane is shut down when its rank finishes or fails. `concurrent_pairs` runs
 /// the two halves of each overlapped pair on two threads ([`ModelCompute::set_concurrent_pairs`]).
-pub fn train_with_planes<P: DataPlane>(
+#[allow(clippy::too_many_arguments)]
+pub fn train_with_planes<P: DataPlane + 'static>(
     opts: &TrainOptions,
     kind: ScheduleKind,
     pipeline: u32,
     data: u32,
+    expert: u32,
     planes: Vec<P>,
     timeouts: Timeouts,
     concurrent_pairs: bool,
@@ -97,10 +102,19 @@ pub fn train_with_planes<P: DataPlane>(
                     let place = Placement {
                         pipeline,
                         data,
-                        pipe_rank: rank as u32 % pipeline,
-                        replica: rank as u32 / pipeline,
+                        expert,
+                        pipe_rank: rank as u32 / data,
+                        replica: rank as u32 % data,
                     };
-                    let out = run_rank(opts, schedule, place, &plane, timeouts, concurrent_pairs);
+                    let plane: Arc<dyn DataPlane> = Arc::new(plane);
+                    let out = run_rank(
+                        opts,
+                        schedule,
+                        place,
+                        plane.clone(),
+                        timeouts,
+                        concurrent_pairs,
+                    );
                     // Whatever happened, this rank is done: peers waiting on it fail at once.
                     plane.shutdown();
                     out
@@ -146,14 +160,20 @@ fn run_rank(
     opts: &TrainOptions,
     schedule: &plan::schedule::Schedule,
     place: Placement,
-    plane: &dyn DataPlane,
+    plane: Arc<dyn DataPlane>,
     timeouts: Timeouts,
     concurrent_pairs: bool,
 ) -> Result<RankResult, InProcessError> {
     let rank = plane.rank();
     let mut compute = ModelCompute::new(opts, schedule, place)
         .map_err(|source| InProcessError::Setup { rank, source })?;
+    if place.expert > 1 {
+        compute
+            .set_expert_plane(plane.clone(), timeouts.recv)
+            .map_err(|source| InProcessError::Setup { rank, source })?;
+    }
     compute.set_concurrent_pairs(concurrent_pairs);
+    let plane = plane.as_ref();
     let ctx = place.context();
     let ops = &schedule.ops[place.pipe_rank as usize];
     let mut steps = Vec::new();

@@ -10,7 +10,10 @@
 //!   cost table, payloads are placeholders of the real byte sizes, the data plane is real.
 //! - [`inprocess`]: every rank of a pipeline × data job on threads of this process (tests, benches).
 //! - [`model_compute`]: the real model's stages (fp32 micro/tiny) behind [`StageCompute`], with the
-//!   DualPipe mirror-stage gradient sum, the tied-embedding sum and ZeRO-1 data parallelism.
+//!   DualPipe mirror-stage gradient sum, the tied-embedding sum, ZeRO-1 data parallelism and
+//!   expert parallelism inside each pipeline position.
+//! - [`expert_exchange`]: the model's expert all-to-all ([`model::exchange::ExpertExchange`]) over
+//!   the data plane.
 //!
 //! # Invariants
 //! - Synchronous: no async runtime. A compute thread per device calls [`run_step`]; the async
@@ -18,6 +21,7 @@
 //! - Every receive has a timeout; a failed step's error names the rank, the op and the peer.
 
 mod error;
+pub mod expert_exchange;
 pub mod inprocess;
 pub mod model_compute;
 pub mod run;

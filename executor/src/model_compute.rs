@@ -1,6 +1,14 @@
 //! The real model behind [`StageCompute`]: each stage slot of a pipeline rank is a `model::Stage`
 //! with its own parameter, gradient and (ZeRO-1 sharded) AdamW state, trained with exactly the
-//! step of `model::train::train_single`, distributed over pipeline × data ranks.
+//! step of `model::train::train_single`, distributed over pipeline × data ranks with expert
+//! parallelism inside each pipeline position ([`Placement`]).
+//!
+//! Expert parallelism (`E > 1`): a rank holds the routed experts of its expert index in every MoE
+//! layer of its slots (MTP included) and everything else in full; each slot's `Stage` exchanges
+//! dispatched rows with the other `E − 1` ranks of its group through a [`PlaneExchange`] over the
+//! data plane attached with [`ModelCompute::set_expert_plane`]. Since every member runs the same op
+//! list, the members meet in each MoE layer's all-to-alls of the same (micro-batch, chunk) in the
+//! same order. With `E = 1` no exchange exists and no expert traffic is sent.
 //!
 //! Step end, in order (every wait bounded by the collective timeout):
 //! 1. expert loads and per-micro-batch loss terms are gathered from every rank (exact: integer
@@ -10,9 +18,11 @@
 //! 3. with MTP and more than one stage, the embedding copy of the last stage is tied to the first
 //!    stage's: their gradients are summed (locally where one rank holds both, DualPipe and
 //!    DualPipeV; over the pair of ranks otherwise, 1F1B);
-//! 4. ZeRO-1: each slot's gradient is reduce-scattered over the data-parallel replicas; the global
-//!    gradient norm is the exact (order-independent) sum of squares of every stage's shard, each
-//!    stage and the tied embedding counted once; clip; AdamW on the own shard; all-gather params;
+//! 4. ZeRO-1: each slot's replicated tensors (a prefix of its flat buffer) are reduce-scattered
+//!    over the data-parallel replicas, its own routed experts (the suffix) over the `D / E` ranks
+//!    holding the same experts; the global gradient norm is the exact (order-independent) sum of
+//!    squares of every shard, each stage, each routed expert and the tied embedding counted once;
+//!    clip; AdamW on the own shards; all-gather params over the same groups;
 //! 5. the routing bias of every MoE layer moves by γ·sign(mean − load) from the summed loads.
 //!
 //! Invariants: every holder of a stage ends the step with bit-identical parameters (mirror copies
@@ -23,16 +33,22 @@
 //! result is bitwise identical; the mirror sum, the data-parallel sum and the tied-embedding sum
 //! regroup float additions and agree to rounding.
 
+mod checkpoint;
+pub use checkpoint::PartFile;
+
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::time::Duration;
 
 use comm::codec::{f32_from_bytes, f32_to_bytes};
 use comm::collective::shard_range;
+use std::sync::Arc;
+
 use comm::{DataPlane, Group, Kind, Tag};
 use model::ModelConfig;
 use model::balance::update_routing_bias;
 use model::data::{BatchKey, DataSource};
+use model::exchange::stage_specs_ep;
 use model::optim::{AdamW, DecayMask, StepInputs, SumSquares, clip_coefficient};
 use model::params::{ParamStore, RoutingBias, StageSpec};
 use model::precision::Runtime;
@@ -41,25 +57,66 @@ use model::train::{InitFrom, LossTerms, TrainOptions};
 use plan::schedule::{Chunk, Schedule, ScheduleKind};
 
 use crate::error::ComputeError;
+use crate::expert_exchange::{ExchangeShared, PlaneExchange};
 use crate::run::{Produced, RankContext, StageCompute};
 
-/// Where one rank sits in a pipeline × data-parallel job. Data-plane rank = `replica · P + pipe_rank`.
+/// Where one rank sits in a pipeline × data-parallel job with expert parallelism, numbered as
+/// `plan::parallel`: data-plane rank = `pipe_rank · D + replica`; the expert-parallel group of a
+/// rank is the `E` replicas `replica / E · E ..` of its pipeline position, its expert index is
+/// `replica % E`, and its expert-data-parallel group is the `D / E` replicas with the same index.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Placement {
     /// Pipeline ranks `P`.
     pub pipeline: u32,
-    /// Data-parallel replicas.
+    /// Data-parallel replicas `D`.
     pub data: u32,
+    /// Expert-parallel degree `E` (divides `D`; 1: every rank holds every routed expert).
+    pub expert: u32,
     /// This rank's pipeline rank.
     pub pipe_rank: u32,
-    /// This rank's data-parallel replica.
+    /// This rank's data-parallel replica (`dp` in `plan::parallel`).
     pub replica: u32,
 }
 
 impl Placement {
     /// Data-plane rank of (replica, pipeline rank).
     pub fn plane_rank(&self, replica: u32, pipe_rank: u32) -> usize {
-        (replica * self.pipeline + pipe_rank) as usize
+        (pipe_rank * self.data + replica) as usize
+    }
+
+    /// This rank's data-plane rank.
+    pub fn rank(&self) -> usize {
+        self.plane_rank(self.replica, self.pipe_rank)
+    }
+
+    /// This rank's index in its expert-parallel group (which block of routed experts it owns).
+    pub fn ep_index(&self) -> u32 {
+        self.replica % self.expert.max(1)
+    }
+
+    /// The data-plane ranks of this rank's expert-parallel group, by expert index.
+    pub fn ep_group(&self) -> Vec<usize> {
+        let e = self.expert.max(1);
+        let first = self.replica / e * e;
+        (first..first + e)
+            .map(|r| self.plane_rank(r, self.pipe_rank))
+            .collect()
+    }
+
+    /// The data-plane ranks holding the same routed experts at this pipeline position (the
+    /// expert-data-parallel group), ascending.
+    pub fn expert_dp_group(&self) -> Vec<usize> {
+        let e = self.expert.max(1);
+        (0..self.data / e)
+            .map(|g| self.plane_rank(g * e + self.ep_index(), self.pipe_rank))
+            .collect()
+    }
+
+    /// The data-plane ranks of this pipeline position (the data-parallel group), ascending.
+    pub fn dp_group(&self) -> Vec<usize> {
+        (0..self.data)
+            .map(|r| self.plane_rank(r, self.pipe_rank))
+            .collect()
     }
 
     /// The executor context of this rank.
@@ -79,16 +136,25 @@ pub fn stage_layers(layers: usize, stages: usize, stage: usize) -> Range<usize> 
     shard_range(layers, stages, stage)
 }
 
-/// One stage slot of this rank.
+/// One stage slot of this rank. Its flat buffers hold the replicated tensors first (`..split`, the
+/// same layout on every data-parallel replica) and then this rank's own routed experts (`split..`,
+/// the same layout on its expert-data-parallel group).
 struct Slot {
     stage_index: u32,
     spec: StageSpec,
     stage: Stage<f32>,
     params: ParamStore<f32>,
     grads: ParamStore<f32>,
+    /// AdamW state of `shard` (replicated tensors, sharded over the data-parallel group).
     opt: AdamW,
-    /// This replica's ZeRO-1 shard of the slot's flat buffer.
+    /// This replica's ZeRO-1 shard of the replicated prefix `..split`.
     shard: Range<usize>,
+    /// AdamW state of `expert_shard` (own routed experts, sharded over the expert-data-parallel group).
+    expert_opt: AdamW,
+    /// This rank's ZeRO-1 shard of the expert suffix `split..` (absolute flat indices).
+    expert_shard: Range<usize>,
+    /// Length of the replicated prefix.
+    split: usize,
     /// Whether this slot's gradient counts in the global norm (each stage once).
     canonical: bool,
     /// The flat range of a tied embedding copy to leave out of the norm (last stage with MTP).
@@ -159,7 +225,13 @@ pub struct ModelCompute {
     bias_version: Option<u64>,
     /// Whether an overlapped pair computes its two chunks on two threads at once.
     concurrent_pairs: bool,
+    /// The plane and step the slots' expert exchanges use (unused with `E = 1`).
+    exchange: Arc<ExchangeShared>,
 }
+
+/// Set in the chunk field of the expert-part ZeRO-1 collectives' tags (with `E = 1` the expert-data-
+/// parallel group equals the data-parallel group, so only the tag tells the two reductions apart).
+const EXPERT_CHUNK: u32 = 0x100;
 
 fn err(msg: impl Into<String>) -> ComputeError {
     msg.into().into()
@@ -189,6 +261,8 @@ impl ModelCompute {
         if place.pipe_rank >= schedule.ranks
             || place.pipeline != schedule.ranks
             || place.replica >= place.data
+            || place.expert == 0
+            || !place.data.is_multiple_of(place.expert)
         {
             return Err(err(format!(
                 "placement {place:?} does not fit a {}-rank schedule",
@@ -205,6 +279,11 @@ impl ModelCompute {
         config.num_nextn_predict_layers = opts.mtp_depth;
         let stages = schedule.stage_count();
         let tie = config.num_nextn_predict_layers > 0 && stages > 1;
+        let exchange = Arc::new(ExchangeShared::default());
+        let (ep_size, ep_index) = (place.expert as usize, place.ep_index() as usize);
+        let ep_group = Group::new(place.ep_group())?;
+        let edp = (place.data / place.expert) as usize;
+        let edp_index = (place.replica / place.expert) as usize;
         let mut slots = Vec::new();
         for dir in 0..schedule.chunks_per_rank() {
             let s = schedule.stage_of(place.pipe_rank, dir);
@@ -213,11 +292,19 @@ impl ModelCompute {
                 first: s == 0,
                 last: s + 1 == stages,
             };
-            let mut params = ParamStore::<f32>::zeros_for_stage(&config, &spec);
+            let (specs, split) = stage_specs_ep(&config, &spec, ep_size, ep_index)?;
+            let mut params = ParamStore::<f32>::from_specs(specs);
             params.init_values(&config, seed);
-            let stage = Stage::new(&config, spec.clone(), &params, opts.loss)?;
+            let stage = if ep_size > 1 {
+                let x = PlaneExchange::new(exchange.clone(), ep_group.clone(), ep_index, dir);
+                Stage::with_exchange(&config, spec.clone(), &params, opts.loss, Arc::new(x))?
+            } else {
+                Stage::new(&config, spec.clone(), &params, opts.loss)?
+            };
             let grads = params.zeros_like();
-            let shard = shard_range(params.numel(), place.data as usize, place.replica as usize);
+            let shard = shard_range(split, place.data as usize, place.replica as usize);
+            let expert_shard = shard_range(params.numel() - split, edp, edp_index);
+            let expert_shard = split + expert_shard.start..split + expert_shard.end;
             let mask = DecayMask::from_layout(
                 params
                     .entries()
@@ -225,6 +312,7 @@ impl ModelCompute {
                     .map(|e| (e.offset, e.shape.as_slice())),
             );
             let opt = AdamW::new(opts.adamw, shard.clone(), &mask);
+            let expert_opt = AdamW::new(opts.adamw, expert_shard.clone(), &mask);
             let canonical = schedule.kind != ScheduleKind::DualPipe || dir == 0;
             let tied_copy = if tie && spec.last {
                 let e = params
@@ -243,6 +331,9 @@ impl ModelCompute {
                 grads,
                 opt,
                 shard,
+                expert_opt,
+                expert_shard,
+                split,
                 canonical,
                 tied_copy,
             });
@@ -251,7 +342,8 @@ impl ModelCompute {
             opts: opts.clone(),
             data: DataSource::open(&opts.data, config.vocab_size)?,
             bias: RoutingBias::zeros(&config),
-            rt: Runtime::cpu(opts.threads, opts.precision),
+            // Weights are prepared (packed; rounded or block-quantized in bf16/FP8) once per step.
+            rt: Runtime::cpu(opts.threads, opts.precision).with_weight_cache(),
             config,
             kind: schedule.kind,
             stages,
@@ -265,7 +357,33 @@ impl ModelCompute {
             bias_mode: BiasMode::Local,
             bias_version: None,
             concurrent_pairs: false,
+            exchange,
         })
+    }
+
+    /// Attaches the data plane the MoE layers' expert-parallel all-to-alls use (required with
+    /// `E > 1`, before the first step; with `E = 1` nothing is exchanged and this is optional).
+    /// `plane` must be this rank's plane; each exchange waits at most `timeout`.
+    pub fn set_expert_plane(
+        &mut self,
+        plane: Arc<dyn DataPlane>,
+        timeout: Duration,
+    ) -> Result<(), ComputeError> {
+        let want = self.place.rank();
+        let world = (self.place.pipeline * self.place.data) as usize;
+        if plane.rank() != want || plane.world_size() != world {
+            return Err(err(format!(
+                "the expert plane is rank {} of {}, but this placement is rank {want} of {world}",
+                plane.rank(),
+                plane.world_size()
+            )));
+        }
+        self.exchange.attach(plane, timeout).map_err(err)
+    }
+
+    /// Where this rank sits.
+    pub fn placement(&self) -> Placement {
+        self.place
     }
 
     /// The parameters of every slot: (stage index, store).
@@ -628,6 +746,13 @@ impl StageCompute for ModelCompute {
                 self.step
             )));
         }
+        if self.place.expert > 1 && !self.exchange.attached() {
+            return Err(err(format!(
+                "expert parallelism {} needs a data plane: call ModelCompute::set_expert_plane",
+                self.place.expert
+            )));
+        }
+        self.exchange.set_step(step);
         for s in &mut self.slots {
             s.grads.fill_zero();
         }
@@ -776,23 +901,35 @@ impl StageCompute for ModelCompute {
         if self.config.num_nextn_predict_layers > 0 && self.stages > 1 {
             self.tie_embedding(plane, step, timeout)?;
         }
-        // ZeRO-1: reduce-scatter every slot's gradient over the replicas of its stage.
-        let dp = self.group(
-            (0..self.place.data)
-                .map(|d| self.place.plane_rank(d, self.place.pipe_rank))
-                .collect(),
-        )?;
+        // ZeRO-1: reduce-scatter every slot's replicated gradient over the replicas of its stage,
+        // and its own experts' gradient over the ranks holding the same experts.
+        let dp = self.group(self.place.dp_group())?;
+        let edp = self.group(self.place.expert_dp_group())?;
         let mut shards = Vec::with_capacity(self.slots.len());
+        let mut expert_shards = Vec::with_capacity(self.slots.len());
         for (i, s) in self.slots.iter().enumerate() {
             let tag = Tag::new(step, Kind::GradReduceScatter).chunk(i as u32);
-            shards.push(plane.reduce_scatter_sum_f32(&dp, tag, s.grads.flat(), timeout)?);
+            let (dense, experts) = s.grads.flat().split_at(s.split);
+            shards.push(plane.reduce_scatter_sum_f32(&dp, tag, dense, timeout)?);
+            expert_shards.push(if experts.is_empty() {
+                Vec::new()
+            } else {
+                plane.reduce_scatter_sum_f32(
+                    &edp,
+                    tag.chunk(EXPERT_CHUNK | i as u32),
+                    experts,
+                    timeout,
+                )?
+            });
         }
-        // The exact global norm: each stage once, the tied embedding copy left out.
+        // The exact global norm: each stage once, the tied embedding copy left out, each routed
+        // expert once (its expert-data-parallel shards).
         let mut sq = SumSquares::default();
-        for (s, shard) in self.slots.iter().zip(&shards) {
+        for ((s, shard), expert_shard) in self.slots.iter().zip(&shards).zip(&expert_shards) {
             if !s.canonical {
                 continue;
             }
+            sq.add_slice(expert_shard);
             match &s.tied_copy {
                 Some(t) => {
                     let lo = t.start.clamp(s.shard.start, s.shard.end) - s.shard.start;
@@ -846,23 +983,45 @@ impl StageCompute for ModelCompute {
             lr,
             grad_scale: (f64::from(clip) / n_micro) as f32,
         };
-        for (i, (s, shard)) in self.slots.iter_mut().zip(&shards).enumerate() {
-            let range = s.shard.clone();
-            let (params, opt) = (&mut s.params, &mut s.opt);
-            self.rt
-                .exec
-                .install(|| opt.update(&mut params.flat_mut()[range.clone()], shard, inputs));
+        for (i, ((s, shard), expert_shard)) in self
+            .slots
+            .iter_mut()
+            .zip(&shards)
+            .zip(&expert_shards)
+            .enumerate()
+        {
+            let (range, erange, split) = (s.shard.clone(), s.expert_shard.clone(), s.split);
+            let (params, opt, expert_opt) = (&mut s.params, &mut s.opt, &mut s.expert_opt);
+            self.rt.exec.install(|| {
+                opt.update(&mut params.flat_mut()[range.clone()], shard, inputs);
+                if !erange.is_empty() {
+                    expert_opt.update(&mut params.flat_mut()[erange.clone()], expert_shard, inputs);
+                }
+            });
             let tag = Tag::new(step, Kind::ParamAllGather).chunk(i as u32);
             let full = plane.all_gather_f32(&dp, tag, &params.flat()[range], timeout)?;
-            if full.len() != params.numel() {
+            if full.len() != split {
                 return Err(err(format!(
-                    "all-gathered {} parameters, expected {}",
+                    "all-gathered {} replicated parameters, expected {split}",
                     full.len(),
-                    params.numel()
                 )));
             }
-            params.flat_mut().copy_from_slice(&full);
+            params.flat_mut()[..split].copy_from_slice(&full);
+            let n_experts = params.numel() - split;
+            if n_experts > 0 {
+                let tag = tag.chunk(EXPERT_CHUNK | i as u32);
+                let full = plane.all_gather_f32(&edp, tag, &params.flat()[erange], timeout)?;
+                if full.len() != n_experts {
+                    return Err(err(format!(
+                        "all-gathered {} expert parameters, expected {n_experts}",
+                        full.len(),
+                    )));
+                }
+                params.flat_mut()[split..].copy_from_slice(&full);
+            }
         }
+        // The parameters changed: prepared bf16/FP8 weights are stale.
+        self.rt.weights_changed();
         let layers = self.bias.layer_ids().to_vec();
         if self.bias_mode == BiasMode::Local {
             let gamma = self.opts.bias_speed.gamma(self.tokens_seen);

@@ -89,7 +89,7 @@ fn holders_of(opts: &TrainOptions, schedule: &Schedule, pipeline: u32, data: u32
     let stages = schedule.stage_count();
     (0..pipeline * data)
         .map(|rank| {
-            let pipe_rank = rank % pipeline;
+            let pipe_rank = rank / data;
             let mut held: Vec<u32> = Vec::new();
             for dir in 0..schedule.chunks_per_rank() {
                 let s = schedule.stage_of(pipe_rank, dir);
@@ -179,8 +179,9 @@ fn run_with_ledger(
                     let place = Placement {
                         pipeline,
                         data,
-                        pipe_rank: rank as u32 % pipeline,
-                        replica: rank as u32 / pipeline,
+                        expert: 1,
+                        pipe_rank: rank as u32 / data,
+                        replica: rank as u32 % data,
                     };
                     let mut compute = ModelCompute::new(opts, schedule, place).unwrap();
                     compute.set_bias_mode(BiasMode::External);

@@ -1,8 +1,10 @@
 //! Criterion benches for the kernels crate: `cargo bench -p kernels` (filter with e.g. `-- gemm/`).
 //!
-//! Areas, one module each: `peak` (measured FMA peak on the thread budget), `gemm` (f32 GEMM vs
-//! matrixmultiply; numpy/OpenBLAS via `numpy_gemm.py` in the same session), `fp8` (quantization vs memcpy,
-//! FP8 GEMM vs f32 GEMM), `attention` (forward/backward at T = 128 and 1024).
+//! Areas, one module each: `peak` (measured FMA peak on the thread budget; its module docs say how the
+//! peak is computed), `gemm` (f32 GEMM vs the `gemm` crate and matrixmultiply, then a side-by-side summary
+//! at 1024³ with the peak and numpy/OpenBLAS measured in the same run, per wall-clock second and per
+//! CPU-second, with the load average), `fp8` (quantization vs memcpy, FP8 GEMM vs f32 GEMM), `attention`
+//! (forward/backward at T = 128 and 1024).
 //! Invariant: every group reports a throughput (FLOP/s or bytes/s) so ratios can be read side by side.
 
 use criterion::{Criterion, criterion_group, criterion_main};

@@ -19,15 +19,20 @@
 //!
 //! Work is split into pieces whose boundaries depend on the problem shape only, never on the thread
 //! count, and each output element is produced by exactly one piece in a fixed order. Scatter-adds
-//! (embedding, MoE un-permute, weight-gradient reductions) run in index order on one thread. The `gemm`
-//! crate splits only the M and N dimensions across threads and blocks K by cache size, so a GEMM's bits do
-//! not depend on the thread budget either; the tests check 1, 2 and 3 threads bit for bit for GEMM,
+//! (embedding, MoE un-permute, weight-gradient reductions) run in index order on one thread. GEMMs (the
+//! crate's own AVX-512 f32 kernel, and the `gemm` crate for f64 or older CPUs) split only the M and N
+//! dimensions across threads and cut K into blocks at offsets fixed by the shape, so a GEMM's bits do
+//! not depend on the thread budget either (nor on whether the weight was pre-packed with
+//! [`PackedWeight`]); the two GEMM paths differ from each other, so f32 GEMM bits are reproducible per
+//! CPU family (AVX-512 or not), not across them. The tests check 1, 2 and 3 threads bit for bit for GEMM,
 //! attention, the quantizers and the FP8 GEMM. Hot loops are compiled for the baseline, AVX2 and AVX-512
 //! and picked at run time; they perform the same IEEE operations, so the choice never changes bits (tested).
 //!
 //! # Memory
 //!
-//! The FP8 GEMM dequantizes its operands into per-calling-thread scratch that is kept between calls (it
+//! The f32 GEMM packs its right-hand operand into per-calling-thread scratch (K × N values, kept between
+//! calls; a [`PackedWeight`] holds its own) and the left-hand operand into per-worker scratch of
+//! 128 × 256 values. The FP8 GEMM dequantizes its operands into per-calling-thread scratch that is kept between calls (it
 //! grows to the largest operands seen on that thread); attention holds one [64 × T] score block (two
 //! in the backward) per worker thread.
 //!
@@ -80,7 +85,10 @@ pub use dtype::{bf16_to_f32, bf16_to_f32_slice, f32_to_bf16, f32_to_bf16_slice};
 pub use embedding::{embedding_backward, embedding_forward};
 pub use exec::{Accumulate, ExecCtx};
 pub use loss::{cross_entropy_backward, cross_entropy_forward};
-pub use matmul::{matmul_dytx, matmul_dyw, matmul_xwt};
+pub use matmul::{
+    PackedWeight, WeightUse, matmul_dytx, matmul_dyw, matmul_dyw_packed, matmul_xwt,
+    matmul_xwt_packed,
+};
 pub use moe::{
     permute_tokens, permute_tokens_backward, unpermute_weighted_add,
     unpermute_weighted_add_backward,

@@ -186,6 +186,9 @@ impl Parallelism {
 pub enum Precision {
     /// The V3 FP8 recipe (E4M3, 1×128 / 128×128 scaling).
     Fp8,
+    /// The FP8 recipe with power-of-two (UE8M0) activation scales: `fp8-ue8m0`.
+    #[serde(rename = "fp8-ue8m0")]
+    Fp8Ue8m0,
     /// bf16 storage, f32 accumulation.
     #[default]
     Bf16,

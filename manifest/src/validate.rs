@@ -380,7 +380,7 @@ pub(crate) fn with_model(job: &TrainingJob, model: &ModelConfig) -> Result<(), I
             ),
         );
     }
-    if training.precision == Precision::Fp8 {
+    if matches!(training.precision, Precision::Fp8 | Precision::Fp8Ue8m0) {
         let mut dims = vec![
             ("hidden_size", model.hidden_size),
             ("kv_lora_rank", model.kv_lora_rank),

@@ -39,7 +39,15 @@ fn every_example_parses_and_round_trips() {
         .filter(|n| n.ends_with(".yaml"))
         .collect();
     names.sort();
-    assert_eq!(names, vec!["dsv3-671b.yaml", "micro.yaml", "tiny.yaml"]);
+    assert_eq!(
+        names,
+        vec![
+            "dsv3-671b.yaml",
+            "micro.yaml",
+            "simulated-32.yaml",
+            "tiny.yaml"
+        ]
+    );
     for name in &names {
         let job = load(name);
         let yaml = job.to_yaml().unwrap();

@@ -122,7 +122,7 @@ const CASES: &[Case] = &[
     case(
         "a bad enum value",
         "  training:\n    precision: fp16\n",
-        "bad.yaml:9:5: spec.training.precision: unknown variant `fp16`, expected one of `fp8`, `bf16`, `fp32`",
+        "bad.yaml:9:5: spec.training.precision: unknown variant `fp16`, expected one of `fp8`, `fp8-ue8m0`, `bf16`, `fp32`",
     ),
     case(
         "a bad schedule name",

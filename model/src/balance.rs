@@ -2,7 +2,8 @@
 //!
 //! Invariant: the new bias depends only on the old bias, the integer loads summed over every micro-batch and
 //! data-parallel replica of the step, γ and the variant, so every holder of a layer's gate computes the same
-//! bits from the same counts. The bias is never touched by gradients or the optimizer.
+//! bits from the same counts. The bias is never touched by gradients or the optimizer. The rule and the bias
+//! checksums live in the dependency-free `routing` crate, which the coordinator and the worker call too.
 
 /// How the sign update is applied.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -17,31 +18,23 @@ pub enum BiasUpdateVariant {
 }
 
 /// Applies one step of the bias update to one MoE layer. `load[i]` is the number of (token, expert) assignments
-/// to expert `i` over the whole step. Panics if the lengths differ (a caller bug).
+/// to expert `i` over the whole step. Panics if the lengths differ (a caller bug). The rule itself is
+/// `routing::apply_sign_rule`, shared with the coordinator's ledger and the worker.
 pub fn update_routing_bias(bias: &mut [f32], load: &[u64], gamma: f32, variant: BiasUpdateVariant) {
     assert_eq!(bias.len(), load.len(), "one load counter per routed expert");
-    if bias.is_empty() || gamma == 0.0 {
-        return;
-    }
-    let n = load.len() as u128;
-    let total: u128 = load.iter().map(|&l| u128::from(l)).sum();
-    for (b, &l) in bias.iter_mut().zip(load) {
-        // Compare load_i with mean = total / n exactly, as n · load_i against total.
-        let scaled = u128::from(l) * n;
-        let sign = match total.cmp(&scaled) {
-            std::cmp::Ordering::Greater => 1.0,
-            std::cmp::Ordering::Less => -1.0,
-            std::cmp::Ordering::Equal => 0.0,
-        };
-        *b += gamma * sign;
-    }
-    if variant == BiasUpdateVariant::SignMeanSubtracted {
-        let mean = (bias.iter().map(|&b| f64::from(b)).sum::<f64>() / bias.len() as f64) as f32;
-        for b in bias.iter_mut() {
-            *b -= mean;
+    routing::apply_sign_rule(bias, load, gamma, variant.into());
+}
+
+impl From<BiasUpdateVariant> for routing::UpdateVariant {
+    fn from(v: BiasUpdateVariant) -> Self {
+        match v {
+            BiasUpdateVariant::Sign => routing::UpdateVariant::Sign,
+            BiasUpdateVariant::SignMeanSubtracted => routing::UpdateVariant::SignMeanSubtracted,
         }
     }
 }
+
+pub use routing::{layer_checksum, rank_checksum};
 
 /// Summary of one layer's load in one step, for logs and summary.json.
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]

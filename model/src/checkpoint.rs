@@ -312,6 +312,63 @@ pub fn save(
     })
 }
 
+/// Saves one pipeline rank's part of a distributed checkpoint to `dir` (which must not exist yet):
+/// `model.safetensors` with the stage's parameters (checkpoint names) and the routing biases,
+/// `config.json`, the training state, and `optimizer.safetensors` holding this rank's ZeRO-1
+/// optimizer shards as flat tensors `shard.<begin>-<end>.exp_avg` / `.exp_avg_sq` over the stage's
+/// flat parameter buffer (metadata `adam_steps`). Returns the part's `manifest.json` (file digests).
+pub fn save_part(
+    dir: &Path,
+    config: &ModelConfig,
+    params: &ParamStore<f32>,
+    bias: &RoutingBias,
+    shards: &[&AdamW],
+    state: &TrainingState,
+) -> Result<Manifest> {
+    let _span =
+        tracing::info_span!("checkpoint_save_part", dir = %dir.display(), step = state.step)
+            .entered();
+    write_atomically(dir, |tmp| {
+        write_safetensors(&tmp.join(MODEL_FILE), &model_tensors(params, bias), None)?;
+        write_file(&tmp.join(CONFIG_FILE), config.to_json_string().as_bytes())?;
+        let mut tensors = Vec::new();
+        let mut steps = 0;
+        for opt in shards {
+            let r = opt.range();
+            if r.end > params.numel() {
+                return Err(invalid(
+                    dir,
+                    format!(
+                        "optimizer shard {r:?} outside {} parameters",
+                        params.numel()
+                    ),
+                ));
+            }
+            steps = steps.max(opt.steps);
+            for (suffix, buf) in [
+                (EXP_AVG_SUFFIX, &opt.exp_avg),
+                (EXP_AVG_SQ_SUFFIX, &opt.exp_avg_sq),
+            ] {
+                let (dtype, bytes) = match buf {
+                    MomentBuf::Bf16(v) => (Dtype::BF16, bf16_bytes(v)),
+                    MomentBuf::F32(v) => (Dtype::F32, f32_bytes(v)),
+                };
+                tensors.push(RawTensor {
+                    name: format!("shard.{}-{}{suffix}", r.start, r.end),
+                    dtype,
+                    shape: vec![r.len()],
+                    bytes,
+                });
+            }
+        }
+        let meta = std::collections::HashMap::from([("adam_steps".to_string(), steps.to_string())]);
+        write_safetensors(&tmp.join(OPTIMIZER_FILE), &tensors, Some(meta))?;
+        let text = serde_json::to_string_pretty(state).map_err(|e| invalid(tmp, e.to_string()))?;
+        write_file(&tmp.join(STATE_FILE), text.as_bytes())
+    })?;
+    verify(dir)
+}
+
 /// Reads `manifest.json` and checks every listed file's size and SHA-256; the error names the first file that
 /// is missing or differs. Files not in the manifest are ignored.
 pub fn verify(dir: &Path) -> Result<Manifest> {

@@ -1,6 +1,7 @@
 //! Training data sources and the deterministic batch sampler.
 //!
-//! Sources: byte-level text files (token = byte), pre-tokenized raw little-endian uint16/uint32 token files
+//! Sources: byte-level text files (token = byte), text files tokenized at open with an HF `tokenizer.json`
+//! (through the `tokenizers` crate, kept in memory), pre-tokenized raw little-endian uint16/uint32 token files
 //! (memory-mapped), and a built-in synthetic source with learnable structure (a fixed random first-order Markov
 //! chain over an active sub-vocabulary, optionally skewed so that a few hot tokens dominate and routing becomes
 //! unbalanced). Every file source is checked once at open: it must be non-empty and every token id must be
@@ -20,6 +21,14 @@ pub enum DataSpec {
     Text {
         /// The file.
         path: PathBuf,
+    },
+    /// A UTF-8 text file tokenized with an HF `tokenizer.json` when the source is opened (no special tokens
+    /// added; the text is encoded in pieces that end at line breaks).
+    TextTokenized {
+        /// The text file.
+        path: PathBuf,
+        /// The `tokenizer.json`.
+        tokenizer: PathBuf,
     },
     /// A headerless file of little-endian token ids.
     Tokens {
@@ -128,6 +137,8 @@ impl TokenBatch {
 pub enum DataSource {
     /// A memory-mapped file of byte tokens or u16/u32 ids.
     File(FileSource),
+    /// A tokenized text file.
+    Tokenized(TokenizedSource),
     /// The synthetic chain.
     Synthetic(SyntheticSource),
 }
@@ -157,6 +168,28 @@ impl FileSource {
     }
 }
 
+/// A text file's token ids, produced by a tokenizer at open.
+#[derive(Debug, Clone)]
+pub struct TokenizedSource {
+    path: PathBuf,
+    tokens: Vec<u32>,
+}
+
+impl TokenizedSource {
+    /// Number of tokens.
+    pub fn n_tokens(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// The ids, in text order.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+}
+
+/// Text pieces handed to the tokenizer at a time end at a line break after at least this many bytes.
+const TOKENIZE_PIECE: usize = 1 << 20;
+
 /// The synthetic chain with its fixed transition table.
 #[derive(Debug, Clone)]
 pub struct SyntheticSource {
@@ -181,6 +214,9 @@ impl DataSource {
     pub fn open(spec: &DataSpec, vocab: usize) -> Result<DataSource> {
         match spec {
             DataSpec::Text { path } => Ok(DataSource::File(open_file(path, 1, vocab)?)),
+            DataSpec::TextTokenized { path, tokenizer } => Ok(DataSource::Tokenized(
+                open_tokenized(path, tokenizer, vocab)?,
+            )),
             DataSpec::Tokens { path, dtype } => {
                 Ok(DataSource::File(open_file(path, dtype.width(), vocab)?))
             }
@@ -193,23 +229,24 @@ impl DataSource {
         let row_len = seq_len + 1;
         let mut tokens = Vec::with_capacity(batch * row_len);
         match self {
-            DataSource::File(f) => {
-                let n = f.n_tokens();
-                if n < row_len {
-                    return Err(bad_data(
-                        &f.path,
-                        format!(
-                            "has {n} tokens, fewer than one sequence of {row_len} (seq_len + 1)"
-                        ),
-                    ));
-                }
-                let starts = (n - row_len + 1) as u64;
-                for b in 0..batch {
-                    let mut rng = SplitMix::new(row_seed(key, b));
-                    let start = (rng.next() % starts) as usize;
-                    tokens.extend((start..start + row_len).map(|i| f.token(i)));
-                }
-            }
+            DataSource::File(f) => sample_windows(
+                &f.path,
+                f.n_tokens(),
+                |i| f.token(i),
+                key,
+                batch,
+                row_len,
+                &mut tokens,
+            )?,
+            DataSource::Tokenized(t) => sample_windows(
+                &t.path,
+                t.tokens.len(),
+                |i| t.tokens[i],
+                key,
+                batch,
+                row_len,
+                &mut tokens,
+            )?,
             DataSource::Synthetic(s) => {
                 for b in 0..batch {
                     let mut rng = SplitMix::new(row_seed(key, b));
@@ -223,6 +260,105 @@ impl DataSource {
             tokens,
         })
     }
+}
+
+/// Appends `batch` windows of `row_len` consecutive tokens of an `n`-token sequence, each starting at a
+/// position drawn from the row's seed.
+fn sample_windows(
+    path: &Path,
+    n: usize,
+    token: impl Fn(usize) -> u32,
+    key: BatchKey,
+    batch: usize,
+    row_len: usize,
+    out: &mut Vec<u32>,
+) -> Result<()> {
+    if n < row_len {
+        return Err(bad_data(
+            path,
+            format!("has {n} tokens, fewer than one sequence of {row_len} (seq_len + 1)"),
+        ));
+    }
+    let starts = (n - row_len + 1) as u64;
+    for b in 0..batch {
+        let mut rng = SplitMix::new(row_seed(key, b));
+        let start = (rng.next() % starts) as usize;
+        out.extend((start..start + row_len).map(&token));
+    }
+    Ok(())
+}
+
+/// Reads `path` as UTF-8 and encodes it with the tokenizer in `tokenizer_path`; every id must be below
+/// `vocab`.
+fn open_tokenized(path: &Path, tokenizer_path: &Path, vocab: usize) -> Result<TokenizedSource> {
+    let _span = tracing::info_span!("tokenize", path = %path.display()).entered();
+    let tok = tokenizers::Tokenizer::from_file(tokenizer_path).map_err(|e| {
+        bad_data(
+            tokenizer_path,
+            format!("is not a usable HF tokenizer.json: {e}"),
+        )
+    })?;
+    let bytes = std::fs::read(path).map_err(|source| ModelError::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        bad_data(
+            path,
+            format!(
+                "is not UTF-8 (byte {}); use a byte-level text source",
+                e.utf8_error().valid_up_to()
+            ),
+        )
+    })?;
+    if text.is_empty() {
+        return Err(bad_data(path, "is empty".into()));
+    }
+    let mut tokens = Vec::new();
+    let mut rest = text.as_str();
+    while !rest.is_empty() {
+        // Cut after the first line break at or beyond the piece size (or take the rest).
+        let cut = if rest.len() <= TOKENIZE_PIECE {
+            rest.len()
+        } else {
+            rest.as_bytes()[TOKENIZE_PIECE..]
+                .iter()
+                .position(|&b| b == b'\n')
+                .map_or(rest.len(), |i| TOKENIZE_PIECE + i + 1)
+        };
+        let (piece, tail) = rest.split_at(cut);
+        let enc = tok.encode(piece, false).map_err(|e| {
+            bad_data(
+                path,
+                format!(
+                    "could not be tokenized with {}: {e}",
+                    tokenizer_path.display()
+                ),
+            )
+        })?;
+        tokens.extend_from_slice(enc.get_ids());
+        rest = tail;
+    }
+    if let Some((i, &t)) = tokens
+        .iter()
+        .enumerate()
+        .find(|(_, t)| **t as usize >= vocab)
+    {
+        return Err(bad_data(
+            path,
+            format!(
+                "token id {t} at position {i} (from {}) is not below the vocabulary size {vocab}",
+                tokenizer_path.display()
+            ),
+        ));
+    }
+    if tokens.is_empty() {
+        return Err(bad_data(path, "tokenizes to no tokens".into()));
+    }
+    Ok(TokenizedSource {
+        path: path.to_path_buf(),
+        tokens,
+    })
 }
 
 fn open_file(path: &Path, width: usize, vocab: usize) -> Result<FileSource> {
@@ -446,6 +582,109 @@ mod tests {
             top4 * 10 > batch.tokens.len() * 6,
             "top-4 tokens hold {top4} of {}",
             batch.tokens.len()
+        );
+    }
+
+    /// A byte-level BPE tokenizer.json (GPT-2 style, as DeepSeek's) with a 12-token vocabulary:
+    /// "the cat\n" encodes to [8, 11, 6].
+    const TINY_TOKENIZER: &str = r#"{
+      "version": "1.0",
+      "truncation": null,
+      "padding": null,
+      "added_tokens": [],
+      "normalizer": null,
+      "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+      "post_processor": null,
+      "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+      "model": {
+        "type": "BPE",
+        "dropout": null,
+        "unk_token": null,
+        "continuing_subword_prefix": null,
+        "end_of_word_suffix": null,
+        "fuse_unk": false,
+        "byte_fallback": false,
+        "vocab": {"t": 0, "h": 1, "e": 2, "Ġ": 3, "c": 4, "a": 5, "Ċ": 6, "th": 7, "the": 8, "Ġc": 9,
+                  "Ġca": 10, "Ġcat": 11},
+        "merges": ["t h", "th e", "Ġ c", "Ġc a", "Ġca t"]
+      }
+    }"#;
+
+    #[test]
+    fn text_is_tokenized_with_a_tokenizer_json_and_sampled_in_windows() {
+        let dir = tempfile::tempdir().unwrap();
+        let tok = dir.path().join("tokenizer.json");
+        std::fs::write(&tok, TINY_TOKENIZER).unwrap();
+        let text = dir.path().join("cats.txt");
+        std::fs::write(&text, "the cat\n".repeat(20)).unwrap();
+        let spec = DataSpec::TextTokenized {
+            path: text.clone(),
+            tokenizer: tok.clone(),
+        };
+        let src = DataSource::open(&spec, 16).unwrap();
+        let DataSource::Tokenized(t) = &src else {
+            panic!("a tokenized source")
+        };
+        assert_eq!(t.n_tokens(), 60);
+        assert!(
+            t.tokens().chunks(3).all(|c| c == [8, 11, 6]),
+            "{:?}",
+            t.tokens()
+        );
+        let x = src.sample(key(2, 1), 3, 7).unwrap();
+        assert_eq!(x, src.sample(key(2, 1), 3, 7).unwrap());
+        // Every row is a window of the periodic sequence 8, 11, 6.
+        let next = |a: u32| match a {
+            8 => 11,
+            11 => 6,
+            _ => 8,
+        };
+        for b in 0..3 {
+            assert!(
+                x.row(b).windows(2).all(|w| w[1] == next(w[0])),
+                "{:?}",
+                x.row(b)
+            );
+        }
+        // The spec round-trips through serde with its tag.
+        let json = serde_json::to_string(&spec).unwrap();
+        assert!(json.contains("\"kind\":\"text_tokenized\""), "{json}");
+        assert_eq!(serde_json::from_str::<DataSpec>(&json).unwrap(), spec);
+
+        let err = DataSource::open(&spec, 10).unwrap_err().to_string();
+        assert!(
+            err.contains("cats.txt") && err.contains("token id 11 at position 1"),
+            "{err}"
+        );
+        let bad = dir.path().join("bad.json");
+        std::fs::write(&bad, "{\"model\": 3}").unwrap();
+        let err = DataSource::open(
+            &DataSpec::TextTokenized {
+                path: text.clone(),
+                tokenizer: bad,
+            },
+            16,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("bad.json") && err.contains("tokenizer.json"),
+            "{err}"
+        );
+        let latin1 = dir.path().join("latin1.txt");
+        std::fs::write(&latin1, b"caf\xe9").unwrap();
+        let err = DataSource::open(
+            &DataSpec::TextTokenized {
+                path: latin1,
+                tokenizer: tok,
+            },
+            16,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("latin1.txt") && err.contains("not UTF-8 (byte 3)"),
+            "{err}"
         );
     }
 

@@ -47,6 +47,9 @@ pub enum ModelError {
     /// An input (token ids, batch shape, micro-batch id) does not fit the model or stage.
     #[error("invalid input: {0}")]
     Input(String),
+    /// An expert-parallel exchange failed (timeout, lost peer) or a peer sent rows that do not fit.
+    #[error("expert exchange: {0}")]
+    Exchange(String),
     /// The config asks for something this implementation does not support.
     #[error("unsupported: {0}")]
     Unsupported(String),

@@ -3,11 +3,17 @@
 //! sequences × T tokens) at a time, and the stage keeps each micro-batch's saved activations and deferred
 //! weight-gradient jobs keyed by its id, so a pipeline schedule can interleave micro-batches freely.
 //!
+//! With expert parallelism ([`Stage::with_exchange`]) the stage holds only its member's block of every
+//! MoE layer's routed experts (MTP blocks included) and its MoE layers exchange rows with the other
+//! members of the group inside `forward` and `backward_input`, keyed by the micro-batch id; every member
+//! must run the same micro-batches through the same calls in the same order.
+//!
 //! Invariants: `backward_input` for a micro-batch needs its `forward` first and consumes its saved state;
 //! `backward_weight` needs its `backward_input` first and consumes its jobs. `backward` (fused) gives the
 //! same gradient bits as `backward_input` followed by `backward_weight`. Gradients accumulate (+=) into the
 //! caller's store; the caller zeroes it at the start of a step.
 
+use crate::exchange::{EpCall, ExpertExchange, check_split, local_experts};
 use crate::layers::decoder::Head;
 use crate::layers::decoder::{DecoderLayer, HeadSaved, LayerSaved, MtpModule, MtpSaved};
 use crate::layers::norm::Embedding;
@@ -84,6 +90,7 @@ pub struct Stage<T: Real = f32> {
     jobs: HashMap<u64, Vec<WJob<T>>>,
     expert_load: BTreeMap<usize, Vec<u64>>,
     trace: Option<Trace>,
+    exchange: Option<Arc<dyn ExpertExchange>>,
 }
 
 impl<T: Real> Stage<T> {
@@ -94,6 +101,32 @@ impl<T: Real> Stage<T> {
         params: &ParamStore<T>,
         weights: LossWeights,
     ) -> Result<Self> {
+        Self::build(config, spec, params, weights, None)
+    }
+
+    /// A stage of one member of an expert-parallel group: `params` holds the member's own routed experts
+    /// ([`crate::exchange::stage_specs_ep`]) and the MoE layers exchange rows through `exchange`. A group
+    /// of one is the local path of [`Stage::new`].
+    pub fn with_exchange(
+        config: &ModelConfig,
+        spec: StageSpec,
+        params: &ParamStore<T>,
+        weights: LossWeights,
+        exchange: Arc<dyn ExpertExchange>,
+    ) -> Result<Self> {
+        Self::build(config, spec, params, weights, Some(exchange))
+    }
+
+    fn build(
+        config: &ModelConfig,
+        spec: StageSpec,
+        params: &ParamStore<T>,
+        weights: LossWeights,
+        exchange: Option<Arc<dyn ExpertExchange>>,
+    ) -> Result<Self> {
+        let (size, index) = exchange.as_ref().map_or((1, 0), |x| (x.size(), x.index()));
+        check_split(config.n_routed_experts, size, index)?;
+        let own = local_experts(config.n_routed_experts, size, index);
         if spec.layers.end > config.num_hidden_layers || spec.layers.start > spec.layers.end {
             return Err(ModelError::Input(format!(
                 "stage layers {:?} outside 0..{}",
@@ -112,12 +145,12 @@ impl<T: Real> Stage<T> {
         let layers = spec
             .layers
             .clone()
-            .map(|l| DecoderLayer::new(config, params, l, weights.balance_alpha))
+            .map(|l| DecoderLayer::new(config, params, l, weights.balance_alpha, own.clone()))
             .collect::<Result<Vec<_>>>()?;
         let (head, mtp) = if spec.last {
             let head = Head::new(config, params, "model.norm.weight")?;
             let mtp = (1..=config.num_nextn_predict_layers)
-                .map(|k| MtpModule::new(config, params, k, weights.balance_alpha))
+                .map(|k| MtpModule::new(config, params, k, weights.balance_alpha, own.clone()))
                 .collect::<Result<Vec<_>>>()?;
             (Some(head), mtp)
         } else {
@@ -135,6 +168,7 @@ impl<T: Real> Stage<T> {
             jobs: HashMap::new(),
             expert_load: BTreeMap::new(),
             trace: None,
+            exchange,
         })
     }
 
@@ -221,8 +255,12 @@ impl<T: Real> Stage<T> {
         }
         let mut loss = LossTerms::default();
         let mut saved_layers = Vec::with_capacity(self.layers.len());
+        let ep = self.exchange.as_deref().map(|exchange| EpCall {
+            exchange,
+            micro_batch: mb.id,
+        });
         for layer in &self.layers {
-            let (out, saved, stats) = layer.forward(rt, p, h, b, t, bias.get(layer.layer))?;
+            let (out, saved, stats) = layer.forward(rt, p, h, b, t, bias.get(layer.layer), ep)?;
             h = out;
             saved_layers.push(saved);
             loss.balance += stats.balance_loss;
@@ -269,7 +307,7 @@ impl<T: Real> Stage<T> {
                     embed.ok_or_else(|| ModelError::Input("MTP needs the embedding".into()))?;
                 let layer_bias = bias.get(m.block.layer);
                 let (hk, logits, ms, stats) =
-                    m.forward(rt, p, embed, &h_prev, mb.tokens, b, t, layer_bias)?;
+                    m.forward(rt, p, embed, &h_prev, mb.tokens, b, t, layer_bias, ep)?;
                 let t_out = t - m.k;
                 let w = self.weights.mtp_lambda / depth;
                 let targets = shifted_targets(mb.tokens, b, t, t_out, m.k + 1);
@@ -366,6 +404,10 @@ impl<T: Real> Stage<T> {
         })?;
         let d = self.config.hidden_size;
         let (b, t) = (st.b, st.t);
+        let ep = self.exchange.as_deref().map(|exchange| EpCall {
+            exchange,
+            micro_batch: mb_id,
+        });
         let mut dh = if let Some(head) = &self.head {
             // MTP modules from the deepest, each handing the gradient of its input h^{k−1} back.
             let mut dnext: Option<Vec<T>> = None;
@@ -390,6 +432,7 @@ impl<T: Real> Stage<T> {
                     dk,
                     ms,
                     st.loss_scale,
+                    ep,
                     sink,
                 )?;
                 dnext = Some(dprev);
@@ -413,7 +456,7 @@ impl<T: Real> Stage<T> {
             )));
         }
         for (layer, saved) in self.layers.iter().zip(st.layers).rev() {
-            dh = layer.backward_input(rt, p, dh, saved, st.loss_scale, sink)?;
+            dh = layer.backward_input(rt, p, dh, saved, st.loss_scale, ep, sink)?;
         }
         if self.spec.first {
             let embed = self

@@ -115,6 +115,16 @@ pub struct TimeSplit {
     pub optimizer_s: f64,
     /// Data sampling.
     pub data_s: f64,
+    /// Of `forward_backward_s`: projection GEMMs with their FP8 quantization (zero unless
+    /// `profile::set_enabled(true)`).
+    #[serde(default)]
+    pub gemm_s: f64,
+    /// Of `forward_backward_s`: the attention core (zero unless profiling).
+    #[serde(default)]
+    pub attention_s: f64,
+    /// Of `forward_backward_s`: MoE routing (zero unless profiling).
+    #[serde(default)]
+    pub routing_s: f64,
 }
 
 /// What one step did.
@@ -134,6 +144,10 @@ pub struct StepRecord {
     pub tokens: u64,
     /// Wall time of the step in seconds.
     pub step_time_s: f64,
+    /// Of `step_time_s`: seconds spent waiting for the coordinator's routing bias before the step
+    /// (distributed runs: the shortest wait over the ranks; always 0 in one process).
+    #[serde(default)]
+    pub bias_wait_s: f64,
     /// tokens / step time.
     pub tokens_per_s: f64,
     /// Time split.
@@ -163,6 +177,14 @@ pub struct Summary {
     pub steps: Vec<StepRecord>,
     /// Total loss of the last step.
     pub final_loss: Option<f64>,
+    /// Mean total loss of the final parameters over [`EVAL_BATCHES`] fixed evaluation micro-batches (keyed
+    /// apart from every training batch, identical for every precision and resume point); None when the run
+    /// stopped early.
+    #[serde(default)]
+    pub final_eval_loss: Option<f64>,
+    /// Main next-token cross-entropy of the same evaluation.
+    #[serde(default)]
+    pub final_eval_main_loss: Option<f64>,
     /// Tokens trained on by this run.
     pub tokens: u64,
     /// Wall time of this run in seconds (steps plus checkpoints).
@@ -214,14 +236,6 @@ struct State {
     opt: AdamW,
     step: u64,
     tokens_seen: u64,
-}
-
-fn precision_name(p: Precision) -> &'static str {
-    match p {
-        Precision::Fp32 => "fp32",
-        Precision::Bf16 => "bf16",
-        Precision::Fp8 => "fp8",
-    }
 }
 
 fn initial_state(opts: &TrainOptions) -> Result<State> {
@@ -328,7 +342,9 @@ pub fn train_single(
             st.config.num_nextn_predict_layers, opts.mtp_depth
         )));
     }
-    let rt = Runtime::cpu(opts.threads, opts.precision);
+    // Weights are prepared (rounded or quantized) once per optimizer step; `weights_changed` follows
+    // every update.
+    let rt = Runtime::cpu(opts.threads, opts.precision).with_weight_cache();
     let mut stage = Stage::new(
         &st.config,
         crate::params::StageSpec::whole(&st.config),
@@ -343,12 +359,14 @@ pub fn train_single(
         mode: "single".into(),
         job: opts.job.clone(),
         model: serde_json::to_value(&st.config).unwrap_or(serde_json::Value::Null),
-        precision: precision_name(opts.precision).into(),
+        precision: opts.precision.name().into(),
         start_step,
         end_step: start_step,
         stopped_early: false,
         steps: Vec::new(),
         final_loss: None,
+        final_eval_loss: None,
+        final_eval_main_loss: None,
         tokens: 0,
         wall_s: 0.0,
         tokens_per_s: 0.0,
@@ -360,6 +378,7 @@ pub fn train_single(
     while st.step < opts.steps {
         let t0 = Instant::now();
         let mut time = TimeSplit::default();
+        crate::profile::take();
         grads.fill_zero();
         let mut loss = LossTerms::default();
         let mut loads: Vec<Vec<u64>> = moe_layers
@@ -388,6 +407,10 @@ pub fn train_single(
             let out = stage.forward(&rt, &st.params, &st.bias, &mb, None)?;
             stage.backward(&rt, &st.params, mb.id, None, &mut grads)?;
             time.forward_backward_s += tf.elapsed().as_secs_f64();
+            let prof = crate::profile::take();
+            time.gemm_s += prof.gemm_s;
+            time.attention_s += prof.attention_s;
+            time.routing_s += prof.routing_s;
             let depth = out.loss.mtp.len().max(1) as f64;
             loss.main += out.loss.main;
             loss.mtp += opts.loss.mtp_lambda / depth * out.loss.mtp.iter().sum::<f64>();
@@ -430,6 +453,7 @@ pub fn train_single(
                 StepInputs { lr, grad_scale },
             )
         });
+        rt.weights_changed();
         let gamma = opts.bias_speed.gamma(st.tokens_seen);
         for (layer, load) in moe_layers.iter().zip(&loads) {
             if let Some(b) = st.bias.get_mut(*layer) {
@@ -444,6 +468,7 @@ pub fn train_single(
         let step_time = t0.elapsed().as_secs_f64();
         step_seconds += step_time;
         let record = StepRecord {
+            bias_wait_s: 0.0,
             step: st.step - 1,
             lr,
             loss,
@@ -502,6 +527,11 @@ pub fn train_single(
         }
     }
     summary.end_step = st.step;
+    if !summary.stopped_early {
+        let (total, main) = evaluate(opts, &st, &data, &rt)?;
+        summary.final_eval_loss = Some(total);
+        summary.final_eval_main_loss = Some(main);
+    }
     summary.wall_s = run_start.elapsed().as_secs_f64();
     summary.tokens_per_s = if step_seconds > 0.0 {
         summary.tokens as f64 / step_seconds
@@ -509,6 +539,51 @@ pub fn train_single(
         0.0
     };
     Ok(summary)
+}
+
+/// Number of fixed evaluation micro-batches behind [`Summary::final_eval_loss`].
+pub const EVAL_BATCHES: u32 = 16;
+
+/// Data-parallel rank used to key the evaluation batches: no training rank uses it.
+const EVAL_RANK: u32 = u32::MAX;
+
+/// (mean total loss, mean main loss) of the current parameters over the evaluation micro-batches, forward
+/// only, each on a fresh whole-model stage so nothing is kept for a backward.
+fn evaluate(
+    opts: &TrainOptions,
+    st: &State,
+    data: &DataSource,
+    rt: &Runtime,
+) -> Result<(f64, f64)> {
+    let _span = tracing::info_span!("evaluate").entered();
+    let (mut total, mut main) = (0.0, 0.0);
+    for micro in 0..EVAL_BATCHES {
+        let key = BatchKey {
+            seed: opts.data_seed,
+            step: 0,
+            dp_rank: EVAL_RANK,
+            micro,
+        };
+        let batch = data.sample(key, opts.micro_batch_size, opts.seq_len)?;
+        let mb = MicroBatch {
+            id: 0,
+            tokens: &batch.tokens,
+            b: batch.batch,
+            t: batch.row_len,
+            loss_scale: 1.0,
+        };
+        let mut stage = Stage::new(
+            &st.config,
+            crate::params::StageSpec::whole(&st.config),
+            &st.params,
+            opts.loss,
+        )?;
+        let out = stage.forward(rt, &st.params, &st.bias, &mb, None)?;
+        total += out.loss.total;
+        main += out.loss.main;
+    }
+    let n = f64::from(EVAL_BATCHES);
+    Ok((total / n, main / n))
 }
 
 fn save_checkpoint(
@@ -608,6 +683,10 @@ mod tests {
         let first = train_single(&options(4, Some(b.clone()), 0), &mut stop_at_2).unwrap();
         assert!(first.stopped_early);
         assert_eq!(first.end_step, 2);
+        assert_eq!(
+            first.final_eval_loss, None,
+            "a stopped run is not evaluated"
+        );
         let resume_dir = PathBuf::from(first.final_checkpoint.clone().unwrap());
         let mut resumed_opts = options(4, Some(b.clone()), 0);
         resumed_opts.init = InitFrom::Resume(resume_dir);
@@ -633,6 +712,10 @@ mod tests {
         assert_eq!(ca.bias, cb.bias);
         assert_eq!(ca.moments, cb.moments);
         assert_eq!(ca.state.tokens_seen, cb.state.tokens_seen);
+        // The evaluation of the final parameters is the same for both.
+        let eval = full.final_eval_loss.unwrap();
+        assert!(eval.is_finite());
+        assert_eq!(eval.to_bits(), second.final_eval_loss.unwrap().to_bits());
         // The bias moved: the rule ran on real expert loads.
         assert!(ca.bias.iter().any(|(_, b)| b.iter().any(|&x| x != 0.0)));
     }
@@ -655,9 +738,19 @@ mod tests {
         let expect_mean = (2 * 25 * 2) as f64 * k / opts.model.n_routed_experts as f64;
         assert_eq!(rec.expert_load[0].mean, expect_mean);
         let json = serde_json::to_value(&summary).unwrap();
+        // The evaluation uses fixed batches of the same distribution: close to the last training losses.
+        let (eval, main) = (
+            summary.final_eval_loss.unwrap(),
+            summary.final_eval_main_loss.unwrap(),
+        );
+        assert!(
+            main < eval && (eval - last).abs() < 0.3,
+            "eval {eval} main {main} last {last}"
+        );
         for key in [
             "steps",
             "final_loss",
+            "final_eval_loss",
             "tokens_per_s",
             "final_checkpoint",
             "wall_s",

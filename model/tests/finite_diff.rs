@@ -283,12 +283,12 @@ fn decoder_layers_dense_and_moe() {
     let d = c.hidden_size;
     let (alpha, scale) = (0.5, 0.7);
     for layer in [0usize, 1] {
-        let dl = DecoderLayer::new(&c, &p, layer, alpha).unwrap();
+        let dl = DecoderLayer::new(&c, &p, layer, alpha, 0..c.n_routed_experts).unwrap();
         let x = randn(&mut rng, B * T * d, 1.0);
         let r = randn(&mut rng, B * T * d, 1.0);
         let route = |p: &ParamStore<f64>, x: &[f64]| {
             let (h, saved, stats) = dl
-                .forward(&rt, p, x.to_vec(), B, T, bias.get(layer))
+                .forward(&rt, p, x.to_vec(), B, T, bias.get(layer), None)
                 .unwrap();
             let idx = saved.routing().map(|r| r.topk_idx.clone());
             (dot(&h, &r) + scale * stats.balance_loss, idx)
@@ -303,7 +303,7 @@ fn decoder_layers_dense_and_moe() {
             l
         };
         let (_, saved, stats) = dl
-            .forward(&rt, &p, x.clone(), B, T, bias.get(layer))
+            .forward(&rt, &p, x.clone(), B, T, bias.get(layer), None)
             .unwrap();
         if layer == 1 {
             assert!(stats.balance_loss > 0.0 && saved.routing().is_some());
@@ -316,6 +316,7 @@ fn decoder_layers_dense_and_moe() {
                 r.clone(),
                 saved,
                 scale,
+                None,
                 &mut WSink::Defer(&mut jobs),
             )
             .unwrap();
@@ -371,7 +372,7 @@ fn head_and_mtp() {
     );
 
     let (alpha, scale) = (0.5, 0.7);
-    let mtp = MtpModule::new(&c, &p, 1, alpha).unwrap();
+    let mtp = MtpModule::new(&c, &p, 1, alpha, 0..c.n_routed_experts).unwrap();
     let emb = Embedding {
         w: p.require("model.embed_tokens.weight").unwrap(),
         vocab: v,
@@ -382,12 +383,12 @@ fn head_and_mtp() {
     let lid = c.num_hidden_layers;
     let f = |p: &ParamStore<f64>, x: &[f64]| {
         let (_, logits, _, stats) = mtp
-            .forward(&rt, p, &emb, x, &toks, B, T, bias.get(lid))
+            .forward(&rt, p, &emb, x, &toks, B, T, bias.get(lid), None)
             .unwrap();
         dot(&logits, &rl) + scale * stats.balance_loss
     };
     let (_, _, saved, _) = mtp
-        .forward(&rt, &p, &emb, &x, &toks, B, T, bias.get(lid))
+        .forward(&rt, &p, &emb, &x, &toks, B, T, bias.get(lid), None)
         .unwrap();
     let mut jobs = Vec::new();
     let mut dx = vec![0.0; x.len()];
@@ -401,6 +402,7 @@ fn head_and_mtp() {
         dk,
         saved,
         scale,
+        None,
         &mut WSink::Defer(&mut jobs),
     )
     .unwrap();
@@ -576,11 +578,13 @@ fn moe_components_compose_to_the_layer() {
     let rt = rt();
     let mut rng = Normal::new(17);
     let d = c.hidden_size;
-    let dl = DecoderLayer::new(&c, &p, 1, 0.5).unwrap();
+    let dl = DecoderLayer::new(&c, &p, 1, 0.5, 0..c.n_routed_experts).unwrap();
     let x = randn(&mut rng, B * T * d, 1.0);
     let dh = randn(&mut rng, B * T * d, 1.0);
     // Whole layer.
-    let (h_ref, saved, _) = dl.forward(&rt, &p, x.clone(), B, T, bias.get(1)).unwrap();
+    let (h_ref, saved, _) = dl
+        .forward(&rt, &p, x.clone(), B, T, bias.get(1), None)
+        .unwrap();
     let mut jobs_ref = Vec::new();
     let dx_ref = dl
         .backward_input(
@@ -589,6 +593,7 @@ fn moe_components_compose_to_the_layer() {
             dh.clone(),
             saved,
             0.7,
+            None,
             &mut WSink::Defer(&mut jobs_ref),
         )
         .unwrap();

@@ -7,6 +7,7 @@
 pub mod schedule;
 
 pub mod ids;
+pub mod layers;
 pub mod memory;
 pub mod parallel;
 pub mod placement;

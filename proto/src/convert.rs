@@ -250,6 +250,98 @@ pub fn schedule_from_name(name: &str) -> Result<plan::schedule::ScheduleKind, Co
     })
 }
 
+impl pb::Op {
+    /// The wire form of one schedule op (see `Op` in worker.proto for the field meanings).
+    pub fn from_plan(op: &plan::schedule::Op) -> Self {
+        use plan::schedule::{Op, Payload};
+        let compute = |kind: pb::OpKind, c: &plan::schedule::Chunk| pb::Op {
+            kind: kind as i32,
+            micro_batch: c.mb,
+            chunk: u32::from(c.dir),
+            ..Default::default()
+        };
+        let transfer = |kind: pb::OpKind, t: &plan::schedule::Transfer| pb::Op {
+            kind: kind as i32,
+            micro_batch: t.chunk.mb,
+            chunk: u32::from(t.chunk.dir),
+            peer_rank: t.peer,
+            payload: match t.payload {
+                Payload::Activation => pb::Payload::Activation,
+                Payload::Gradient => pb::Payload::Gradient,
+            } as i32,
+            ..Default::default()
+        };
+        match op {
+            Op::Forward(c) => compute(pb::OpKind::Forward, c),
+            Op::Backward(c) => compute(pb::OpKind::Backward, c),
+            Op::BackwardInput(c) => compute(pb::OpKind::BackwardInput, c),
+            Op::Weight(c) => compute(pb::OpKind::BackwardWeight, c),
+            Op::ForwardBackward { f, b } => pb::Op {
+                micro_batch_b: b.mb,
+                chunk_b: u32::from(b.dir),
+                ..compute(pb::OpKind::ForwardBackward, f)
+            },
+            Op::Send(t) => transfer(pb::OpKind::Send, t),
+            Op::Recv(t) => transfer(pb::OpKind::Recv, t),
+        }
+    }
+
+    /// The schedule op this wire op stands for; an unknown kind or payload, or a chunk direction
+    /// above 1, is an error naming the field.
+    pub fn to_plan(&self) -> Result<plan::schedule::Op, ConvertError> {
+        use plan::schedule::{Chunk, Op, Payload, Transfer};
+        let dir = |field: &'static str, v: u32| -> Result<u8, ConvertError> {
+            if v > 1 {
+                return Err(ConvertError::BadEnum {
+                    field,
+                    value: v as i32,
+                });
+            }
+            Ok(v as u8)
+        };
+        let chunk = Chunk::new(dir("op.chunk", self.chunk)?, self.micro_batch);
+        let kind = pb::OpKind::try_from(self.kind).map_err(|_| ConvertError::BadEnum {
+            field: "op.kind",
+            value: self.kind,
+        })?;
+        let transfer = || -> Result<Transfer, ConvertError> {
+            let payload = match pb::Payload::try_from(self.payload) {
+                Ok(pb::Payload::Activation) => Payload::Activation,
+                Ok(pb::Payload::Gradient) => Payload::Gradient,
+                _ => {
+                    return Err(ConvertError::BadEnum {
+                        field: "op.payload",
+                        value: self.payload,
+                    });
+                }
+            };
+            Ok(Transfer {
+                peer: self.peer_rank,
+                payload,
+                chunk,
+            })
+        };
+        Ok(match kind {
+            pb::OpKind::Forward => Op::Forward(chunk),
+            pb::OpKind::Backward => Op::Backward(chunk),
+            pb::OpKind::BackwardInput => Op::BackwardInput(chunk),
+            pb::OpKind::BackwardWeight => Op::Weight(chunk),
+            pb::OpKind::ForwardBackward => Op::ForwardBackward {
+                f: chunk,
+                b: Chunk::new(dir("op.chunk_b", self.chunk_b)?, self.micro_batch_b),
+            },
+            pb::OpKind::Send => Op::Send(transfer()?),
+            pb::OpKind::Recv => Op::Recv(transfer()?),
+            pb::OpKind::Unspecified => {
+                return Err(ConvertError::BadEnum {
+                    field: "op.kind",
+                    value: self.kind,
+                });
+            }
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -286,6 +378,39 @@ mod tests {
             err,
             "unknown device kind `tpu` (expected one of: cpu, cuda, simulated)"
         );
+    }
+
+    #[test]
+    fn every_schedule_op_round_trips_through_the_wire() {
+        use plan::schedule::ScheduleKind;
+        for kind in [
+            ScheduleKind::DualPipe,
+            ScheduleKind::DualPipeV,
+            ScheduleKind::OneFOneB,
+        ] {
+            let s = kind.generate(4, 8).unwrap();
+            for row in &s.ops {
+                for op in row {
+                    assert_eq!(pb::Op::from_plan(op).to_plan().unwrap(), *op, "{op}");
+                }
+            }
+        }
+        let bad = pb::Op {
+            kind: pb::OpKind::Send as i32,
+            ..Default::default()
+        };
+        assert!(
+            bad.to_plan()
+                .unwrap_err()
+                .to_string()
+                .contains("op.payload")
+        );
+        let bad = pb::Op {
+            kind: pb::OpKind::Forward as i32,
+            chunk: 2,
+            ..Default::default()
+        };
+        assert!(bad.to_plan().unwrap_err().to_string().contains("op.chunk"));
     }
 
     #[test]

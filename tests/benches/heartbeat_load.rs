@@ -95,6 +95,7 @@ async fn simulated_worker(
             kind: pb::DeviceKind::Simulated as i32,
             index: (i % 8) as u32,
             memory_bytes: 0,
+            data_plane_addr: String::new(),
         }],
         data_plane_addr: format!("127.0.0.1:{}", 20000 + i),
         version: "bench".into(),

@@ -421,7 +421,9 @@ pub fn start_worker(
         .arg("--data-plane-listen")
         .arg("127.0.0.1:0")
         .arg("--max-backoff")
-        .arg("1s");
+        .arg("1s")
+        .arg("--threads")
+        .arg("1");
     cmd.env(
         "RUST_LOG",
         std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),

@@ -12,7 +12,14 @@ fn run_job(cluster: &Cluster, name: &str) -> anyhow::Result<serde_json::Value> {
     let manifest = repo_root().join("manifests/micro.yaml");
     let manifest = manifest.to_str().context("manifest path is not UTF-8")?;
     let set = format!("metadata.name={name}");
-    cluster.json(&["submit", manifest, "--set", &set])?;
+    cluster.json(&[
+        "submit",
+        manifest,
+        "--set",
+        &set,
+        "--set",
+        "spec.training.steps=100000",
+    ])?;
     cluster.wait_job(
         name,
         "the job to be Running",
@@ -39,13 +46,15 @@ fn etcd_store_keeps_jobs_and_registrations_across_a_coordinator_restart() -> any
 
     cluster.restart_coordinator(&scratch)?;
 
-    // The job and its placement come back from etcd, and the job is Running again once the
-    // workers have reconnected and re-acknowledged their ranks.
+    // The job, its placement and its events come back from etcd. The job trains MoE layers, and
+    // the routing-bias ledger is not persisted yet: the restored coordinator ends the running job
+    // with a reason that says so instead of letting holders drift apart (keeping such a job
+    // running across a restart is the recovery work's; see the issue notes).
     let after = cluster.wait_job(
         "e2e-restart",
-        "the job Running after the restart",
+        "the job restored, then ended for its lost bias ledger",
         Duration::from_secs(30),
-        |d| phase(d) == "Running",
+        |d| phase(d) == "Failed",
     )?;
     ensure!(
         after["placement"] == before["placement"],
@@ -53,24 +62,30 @@ fn etcd_store_keeps_jobs_and_registrations_across_a_coordinator_restart() -> any
         before["placement"],
         after["placement"]
     );
-    let workers = cluster.wait_workers(
-        "all 8 workers reconnected and busy",
+    let reason = after["job"]["reason"].as_str().unwrap_or("");
+    ensure!(
+        reason.contains("routing-bias ledger"),
+        "the restored job failed for another reason: {reason}"
+    );
+    let transitions = after["transitions"].as_array().map_or(0, Vec::len);
+    let before_transitions = before["transitions"].as_array().map_or(0, Vec::len);
+    ensure!(
+        transitions > before_transitions,
+        "the transitions before the restart were not kept: {} then {}",
+        before["transitions"],
+        after["transitions"]
+    );
+    // Every worker reconnects by itself, is recognised, and is freed again.
+    cluster.wait_workers(
+        "all 8 workers reconnected and idle",
         Duration::from_secs(30),
         |ws| {
             ws.len() == 8
                 && ws
                     .iter()
-                    .all(|w| w["connected"] == true && w["state"] == "Busy")
+                    .all(|w| w["connected"] == true && w["state"] == "Idle")
         },
     )?;
-    for w in &workers {
-        ensure!(
-            w["held"]
-                .as_array()
-                .is_some_and(|h| h.len() == 1 && h[0]["job"] == "e2e-restart"),
-            "{w}"
-        );
-    }
     // Each worker reconnected by itself and was recognised as a resume.
     let ids: Vec<String> = cluster.workers.iter().map(|(id, _)| id.clone()).collect();
     for id in ids {

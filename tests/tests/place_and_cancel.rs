@@ -17,7 +17,14 @@ fn dualpipe_job_is_placed_by_the_rules_runs_and_cancels() -> anyhow::Result<()> 
 
     let manifest = repo_root().join("manifests/micro.yaml");
     let manifest = manifest.to_str().context("manifest path is not UTF-8")?;
-    let job = cluster.json(&["submit", manifest, "--set", "metadata.name=e2e-place"])?;
+    let job = cluster.json(&[
+        "submit",
+        manifest,
+        "--set",
+        "metadata.name=e2e-place",
+        "--set",
+        "spec.training.steps=100000",
+    ])?;
     ensure!(job["name"] == "e2e-place", "submit printed {job}");
 
     let d = cluster.wait_job(

@@ -21,6 +21,8 @@ pub struct Device {
     pub index: u32,
     /// Memory the device offers; 0 means unknown (CPU devices share host memory).
     pub memory_bytes: u64,
+    /// The device's data-plane address as registered (filled when its listener is bound).
+    pub data_plane_addr: Option<String>,
 }
 
 impl Device {
@@ -31,6 +33,7 @@ impl Device {
                 kind,
                 index: first_index + i,
                 memory_bytes: 0,
+                data_plane_addr: None,
             })
             .collect()
     }
@@ -41,6 +44,7 @@ impl Device {
             kind: self.kind as i32,
             index: self.index,
             memory_bytes: self.memory_bytes,
+            data_plane_addr: self.data_plane_addr.clone().unwrap_or_default(),
         }
     }
 }
@@ -76,6 +80,11 @@ pub struct WorkerConfig {
     pub retry: RetryPolicy,
     /// How long the shutdown path may take to tell the coordinator before the daemon exits anyway.
     pub shutdown_grace: Duration,
+    /// Compute threads per rank; `None` divides the machine's cores evenly over the devices.
+    pub threads: Option<usize>,
+    /// Longest wait of one data-plane receive (a peer's activation or gradient, a collective
+    /// takes twice this); also how long a starting rank keeps dialing peers that are not up yet.
+    pub recv_timeout: Duration,
 }
 
 impl WorkerConfig {
@@ -99,7 +108,20 @@ impl WorkerConfig {
             rpc_timeout: Duration::from_secs(5),
             retry: RetryPolicy::default(),
             shutdown_grace: Duration::from_secs(2),
+            threads: None,
+            recv_timeout: Duration::from_secs(60),
         }
+    }
+
+    /// Compute threads each rank uses: the configured number, else the cores divided evenly
+    /// over the devices (at least one).
+    pub fn threads_per_device(&self) -> usize {
+        self.threads
+            .unwrap_or_else(|| {
+                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+                cores / self.devices.len().max(1)
+            })
+            .max(1)
     }
 
     /// Checks the invariants listed in the module doc.

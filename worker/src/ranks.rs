@@ -49,6 +49,11 @@ impl HeldRanks {
         })
     }
 
+    /// Runs the checks of [`HeldRanks::accept`] without keeping anything.
+    pub fn check(&self, a: &pb::Assignment, devices: &[Device]) -> Result<(), String> {
+        check(a, devices)
+    }
+
     /// Drops every rank of `job`; returns the ranks dropped.
     pub fn stop_job(&mut self, job: &str) -> Vec<u32> {
         let ranks: Vec<u32> = self
@@ -134,8 +139,16 @@ fn check(a: &pb::Assignment, devices: &[Device]) -> Result<(), String> {
     if a.stages.is_empty() {
         return Err(format!("rank {} holds no pipeline stage", a.rank));
     }
-    if let Some(s) = a.stages.iter().find(|s| **s >= a.pipeline) {
-        return Err(format!("stage {s} outside pipeline {}", a.pipeline));
+    // DualPipeV cuts the model into 2P stages (each rank holds r and 2P-1-r); the others into P.
+    let stages = match proto::convert::schedule_from_name(&a.schedule) {
+        Ok(plan::schedule::ScheduleKind::DualPipeV) => 2 * a.pipeline,
+        _ => a.pipeline,
+    };
+    if let Some(s) = a.stages.iter().find(|s| **s >= stages) {
+        return Err(format!(
+            "stage {s} outside the {stages} stages of pipeline {} ({})",
+            a.pipeline, a.schedule
+        ));
     }
     Ok(())
 }

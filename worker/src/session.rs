@@ -8,6 +8,7 @@
 //! (`RankFinished`, ok = false) before closing the stream. A registration the coordinator does not
 //! resume (it lost its state) voids the held ranks.
 
+use crate::compute::{self, ComputeSettings, Control, Listeners, RankRun};
 use crate::ranks::{Accepted, HeldRanks};
 use crate::{Error, WorkerConfig};
 use proto::pb;
@@ -43,6 +44,17 @@ pub(crate) struct Daemon {
     /// Set by a session once the coordinator answered `Registered`; the reconnect loop reads it
     /// to reset its backoff.
     pub registered: bool,
+    /// The data-plane listener of each device.
+    pub listeners: Listeners,
+    /// Settings of the compute threads.
+    pub compute: ComputeSettings,
+    /// Compute threads of the held ranks, by (job, rank).
+    pub runs: HashMap<(String, u32), RankRun>,
+    /// Where compute threads queue their reports; drained by whichever session is live, so
+    /// nothing queued is lost across a reconnect.
+    pub outbox_tx: mpsc::UnboundedSender<pb::WorkerMessage>,
+    /// The receiving end of `outbox_tx`.
+    pub outbox_rx: mpsc::UnboundedReceiver<pb::WorkerMessage>,
 }
 
 impl Daemon {
@@ -144,6 +156,7 @@ impl Daemon {
             // A coordinator that does not know this worker (in-memory store restarted) does not
             // know its ranks either: they are void, and keeping them would block the devices.
             let dropped = self.ranks.clear();
+            self.stop_runs(|_| true);
             warn!(
                 ?dropped,
                 "the coordinator has no record of this worker; dropping the ranks it held"
@@ -181,7 +194,11 @@ impl Daemon {
                     self.leave(tx, inbound).await;
                     return Ok(Ended::Shutdown);
                 }
+                Some(out) = self.outbox_rx.recv() => {
+                    send(&tx, out, send_limit).await?;
+                }
                 _ = ticker.tick() => {
+                    self.runs.retain(|_, r| !r.is_finished());
                     if last_heard.elapsed() > silence {
                         return Err(Error::Timeout { what: "hearing from the coordinator", after: silence });
                     }
@@ -206,9 +223,14 @@ impl Daemon {
                         Some(Down::Assignment(a)) => self.on_assignment(a, &tx).await?,
                         Some(Down::Command(c)) => self.on_command(c),
                         Some(Down::BiasUpdate(b)) => {
-                            debug!(job = %b.job, step = b.step, layers = b.layers.len(),
-                                "bias update received; applying it is the executor's job (issue 6)");
+                            debug!(job = %b.job, step = b.step, layers = b.layers.len(), "bias update received");
+                            for ((job, _), run) in &self.runs {
+                                if *job == b.job {
+                                    run.control(Control::Bias(b.clone()));
+                                }
+                            }
                         }
+                        Some(Down::CheckpointCommitted(c)) => self.on_committed(&c),
                         Some(Down::Registered(_)) => {
                             return Err(Error::Protocol("second Registered on one session".into()));
                         }
@@ -219,9 +241,8 @@ impl Daemon {
         }
     }
 
-    /// Validates and keeps an assignment, then answers READY or REJECTED. Running the model on
-    /// it is the executor's work (issue 6); here accepting means the rank is reserved on its
-    /// device and the worker is ready to start.
+    /// Validates and keeps an assignment, starts its compute thread, then answers READY or
+    /// REJECTED. A re-sent assignment (after a reconnect) keeps the thread already running.
     async fn on_assignment(
         &mut self,
         a: pb::Assignment,
@@ -231,9 +252,9 @@ impl Daemon {
         let (job, rank) = (a.job.clone(), a.rank);
         let reply = {
             let _g = span.enter();
-            match self.ranks.accept(a, &self.config.devices) {
+            match self.accept(a) {
                 Ok(Accepted::New) => {
-                    info!("assignment accepted; reporting ready");
+                    info!("assignment accepted; compute started; reporting ready");
                     pb::WorkerMessage::ready(&job, rank)
                 }
                 Ok(Accepted::Again) => {
@@ -251,12 +272,100 @@ impl Daemon {
             .await
     }
 
+    /// Holds the rank and starts its compute thread (only for a new assignment).
+    fn accept(&mut self, a: pb::Assignment) -> Result<Accepted, String> {
+        let key = (a.job.clone(), a.rank);
+        if self.runs.contains_key(&key) {
+            return self.ranks.accept(a, &self.config.devices);
+        }
+        let device = self
+            .config
+            .devices
+            .iter()
+            .find(|d| d.index == a.device_index)
+            .map_or(pb::DeviceKind::Unspecified, |d| d.kind);
+        // A device this worker does not have is refused by `HeldRanks::accept` with its reason.
+        self.ranks.check(&a, &self.config.devices)?;
+        let prepared = compute::prepare(&a, device, &self.compute)?;
+        let accepted = self.ranks.accept(a.clone(), &self.config.devices)?;
+        match compute::start(
+            a,
+            prepared,
+            self.compute.clone(),
+            self.listeners.clone(),
+            self.outbox_tx.clone(),
+        ) {
+            Ok(run) => {
+                self.runs.insert(key, run);
+                Ok(accepted)
+            }
+            Err(e) => {
+                self.ranks.stop_job(&key.0);
+                Err(format!("starting the compute thread: {e}"))
+            }
+        }
+    }
+
+    /// Stops every compute thread and waits for them (bounded by the shutdown grace).
+    pub(crate) async fn stop_all(&mut self) {
+        let grace = self.config.shutdown_grace;
+        let runs: Vec<RankRun> = self.runs.drain().map(|(_, r)| r).collect();
+        if runs.is_empty() {
+            return;
+        }
+        for r in &runs {
+            r.stop();
+        }
+        let joined = tokio::task::spawn_blocking(move || {
+            for r in runs {
+                r.stop_and_join(grace);
+            }
+        });
+        if timeout(grace * 2, joined).await.is_err() {
+            warn!("compute threads did not stop within the grace period");
+        }
+    }
+
+    /// Stops (without waiting) the compute threads whose (job, rank) matches; they end on their
+    /// own threads and give their listeners back.
+    fn stop_runs(&mut self, matches: impl Fn(&(String, u32)) -> bool) {
+        let keys: Vec<(String, u32)> = self.runs.keys().filter(|k| matches(k)).cloned().collect();
+        let limit = self.config.shutdown_grace;
+        for k in keys {
+            if let Some(run) = self.runs.remove(&k) {
+                run.stop();
+                tokio::task::spawn_blocking(move || run.stop_and_join(limit));
+            }
+        }
+    }
+
+    /// Every rank wrote its part of a checkpoint: the holder of rank 0 writes `checkpoint.json`
+    /// (a small file; written inline so a shutdown right after cannot lose it).
+    fn on_committed(&self, c: &pb::CheckpointCommitted) {
+        let holds_rank0 = self
+            .ranks
+            .keys()
+            .iter()
+            .any(|(j, r)| *j == c.job && *r == 0);
+        if !holds_rank0 {
+            debug!(job = %c.job, step = c.step, "checkpoint committed (rank 0 is elsewhere)");
+            return;
+        }
+        match compute::write_index(c) {
+            Ok(()) => info!(job = %c.job, step = c.step, dir = %c.dir, ranks = c.ranks.len(),
+                "checkpoint committed; checkpoint.json written"),
+            Err(e) => warn!(job = %c.job, step = c.step, dir = %c.dir, error = %e,
+                "could not write checkpoint.json"),
+        }
+    }
+
     /// Stops the ranks of a job the coordinator cancelled or ended.
     fn on_command(&mut self, c: pb::Command) {
         let kind = pb::CommandKind::try_from(c.kind).unwrap_or(pb::CommandKind::Unspecified);
         match kind {
             pb::CommandKind::Cancel | pb::CommandKind::Stop => {
                 let ranks = self.ranks.stop_job(&c.job);
+                self.stop_runs(|(job, _)| *job == c.job);
                 info!(job = %c.job, ?kind, reason = %c.reason, ?ranks, "stopped the job's ranks");
             }
             pb::CommandKind::Unspecified => {
@@ -273,6 +382,13 @@ impl Daemon {
         mut inbound: tonic::Streaming<pb::CoordinatorMessage>,
     ) {
         let grace = self.config.shutdown_grace;
+        self.stop_all().await;
+        // Reports queued before the stop still go out.
+        while let Ok(out) = self.outbox_rx.try_recv() {
+            if send(&tx, out, grace).await.is_err() {
+                break;
+            }
+        }
         for (job, rank) in self.ranks.keys() {
             let msg = pb::WorkerMessage {
                 msg: Some(pb::worker_message::Msg::RankFinished(pb::RankFinished {

@@ -78,7 +78,7 @@ impl pb::worker_session_server::WorkerSession for Fake {
                 worker_id: reg.worker_id.clone(),
                 resumed,
                 heartbeat_interval_ms: 50,
-                failure_timeout_ms: 1000,
+                failure_timeout_ms: 3000,
             };
             let msg = pb::CoordinatorMessage {
                 msg: Some(Down::Registered(reply)),
@@ -208,10 +208,35 @@ fn config(addr: SocketAddr, first_device: u32) -> worker::WorkerConfig {
     c.rpc_timeout = Duration::from_secs(2);
     c.retry.initial = Duration::from_millis(20);
     c.retry.max = Duration::from_millis(200);
+    c.threads = Some(1);
     c
 }
 
-fn assignment(job: &str, rank: u32, device: u32) -> pb::Assignment {
+/// The micro job on pipeline 2 × data 1 under DualPipe, as the coordinator would send it.
+const MICRO: &str = include_str!("../../manifests/micro.yaml");
+
+fn micro_sets(steps: u64) -> Vec<String> {
+    vec![
+        "spec.parallelism.pipeline=2".into(),
+        "spec.parallelism.data=1".into(),
+        "spec.parallelism.expert=1".into(),
+        "spec.parallelism.microBatches=4".into(),
+        format!("spec.training.steps={steps}"),
+    ]
+}
+
+/// Rank `rank` of a 2-rank DualPipe job with the micro model; `peers` are the data-plane
+/// addresses of ranks 0 and 1 (a dead port keeps the rank waiting for its peer).
+fn assignment_with(
+    job: &str,
+    rank: u32,
+    device: u32,
+    peers: [&str; 2],
+    steps: u64,
+) -> pb::Assignment {
+    let schedule = plan::schedule::ScheduleKind::DualPipe
+        .generate(2, 4)
+        .unwrap();
     pb::Assignment {
         job: job.into(),
         rank,
@@ -220,16 +245,31 @@ fn assignment(job: &str, rank: u32, device: u32) -> pb::Assignment {
         pipeline: 2,
         data: 1,
         expert: 1,
+        pp_idx: rank,
         stages: vec![rank, 1 - rank],
         peers: (0..2)
             .map(|r| pb::Peer {
                 rank: r,
+                data_plane_addr: peers[r as usize].into(),
                 ..Default::default()
             })
             .collect(),
         schedule: "dualpipe".into(),
+        micro_batches: 4,
+        steps,
+        ops: schedule.ops[rank as usize]
+            .iter()
+            .map(pb::Op::from_plan)
+            .collect(),
+        manifest_yaml: MICRO.into(),
+        overrides: micro_sets(steps),
         ..Default::default()
     }
+}
+
+/// An assignment whose peers never answer: the rank starts and stays busy until stopped.
+fn assignment(job: &str, rank: u32, device: u32) -> pb::Assignment {
+    assignment_with(job, rank, device, ["127.0.0.1:1", "127.0.0.1:1"], 100)
 }
 
 fn expect_ack(seen: Seen) -> pb::AssignmentAck {
@@ -261,7 +301,8 @@ async fn registers_heartbeats_acks_and_reports_ranks_at_shutdown() {
         vec![pb::Device {
             kind: pb::DeviceKind::Cpu as i32,
             index: 2,
-            memory_bytes: 0
+            memory_bytes: 0,
+            data_plane_addr: reg.data_plane_addr.clone(),
         }]
     );
     let dp: SocketAddr = reg
@@ -269,6 +310,20 @@ async fn registers_heartbeats_acks_and_reports_ranks_at_shutdown() {
         .parse()
         .expect("data-plane address is host:port");
     assert_ne!(dp.port(), 0);
+
+    // An assignment whose manifest does not parse is refused with the manifest's reason.
+    let mut bad = assignment("job-x", 0, 2);
+    bad.manifest_yaml = "kind: Nonsense".into();
+    server.push(Down::Assignment(bad)).await;
+    let ack = expect_ack(next_event(&mut seen).await);
+    assert_eq!(ack.status, pb::AckStatus::Rejected as i32);
+    assert!(ack.reason.contains("manifest"), "{}", ack.reason);
+    // So is an op list that is not the schedule's row.
+    let mut bad = assignment("job-x", 0, 2);
+    bad.ops.pop();
+    server.push(Down::Assignment(bad)).await;
+    let ack = expect_ack(next_event(&mut seen).await);
+    assert!(ack.reason.contains("op list"), "{}", ack.reason);
 
     server
         .push(Down::Assignment(assignment("job-a", 0, 2)))
@@ -456,5 +511,197 @@ async fn forgets_its_ranks_when_the_coordinator_forgot_it() {
         .unwrap()
         .unwrap()
         .unwrap();
+    server.stop().await;
+}
+
+/// Pushes `msg` to the session of the `i`-th registered worker only.
+async fn push_to(server: &Server, i: usize, msg: Down) {
+    let s = server.fake.sessions.lock().unwrap()[i].clone();
+    s.send(Ok(pb::CoordinatorMessage { msg: Some(msg) }))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_train_a_pipeline_and_match_the_single_process_trainer() {
+    const STEPS: u64 = 3;
+    let (fake, mut seen) = fake();
+    let server = Server::start(fake, "127.0.0.1:0".parse().unwrap()).await;
+    let mut stops = Vec::new();
+    let mut workers = Vec::new();
+    let mut addrs = Vec::new();
+    for device in 0..2 {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let mut c = config(server.addr, device);
+        c.threads = Some(1);
+        c.recv_timeout = Duration::from_secs(30);
+        stops.push(stop);
+        workers.push(tokio::spawn(worker::run(c, async {
+            let _ = stopped.await;
+        })));
+        let Seen::Registered(reg, _) = next_event(&mut seen).await else {
+            panic!("expected Register")
+        };
+        addrs.push(reg.devices[0].data_plane_addr.clone());
+    }
+    let peers = [addrs[0].as_str(), addrs[1].as_str()];
+    let ckpt = std::env::temp_dir().join(format!("moetrain-worker-ckpt-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&ckpt);
+    for rank in 0..2u32 {
+        let mut a = assignment_with("train", rank, rank, peers, STEPS);
+        a.checkpoint_dir = ckpt.display().to_string();
+        a.checkpoint_interval = 2;
+        push_to(&server, rank as usize, Down::Assignment(a)).await;
+    }
+    // The reference: the same manifest trained in one process.
+    let job = worker::job::parse(MICRO, "micro.yaml", &micro_sets(STEPS)).unwrap();
+    let over = worker::job::Overrides {
+        threads: Some(1),
+        ..Default::default()
+    };
+    let opts = worker::job::train_options(&job, std::path::Path::new(""), &over).unwrap();
+    let single =
+        model::train::train_single(&opts, &mut |_| std::ops::ControlFlow::Continue(())).unwrap();
+
+    // The fake plays the coordinator's bias role: sum both ranks' counts, apply the sign rule,
+    // send the new bias of every layer (both ranks hold both stages), check the checksums.
+    let mut bias: std::collections::BTreeMap<u32, Vec<f32>> = Default::default();
+    let mut tokens_seen = 0u64;
+    let mut reports: Vec<Vec<pb::StepReport>> = vec![Vec::new(), Vec::new()];
+    let mut parts: Vec<pb::CheckpointWritten> = Vec::new();
+    let mut finished = 0;
+    while finished < 2 {
+        let ev = tokio::time::timeout(Duration::from_secs(120), seen.recv())
+            .await
+            .expect("no event within 120s")
+            .unwrap();
+        match ev {
+            Seen::Up(Up::Ack(a)) => {
+                assert_eq!(a.status, pb::AckStatus::Ready as i32, "{}", a.reason)
+            }
+            Seen::Up(Up::StepReport(r)) => {
+                let step = r.step;
+                reports[r.rank as usize].push(r);
+                if reports.iter().all(|v| v.len() as u64 == step + 1) {
+                    let mut loads: std::collections::BTreeMap<u32, Vec<u64>> = Default::default();
+                    for v in &reports {
+                        let r = &v[step as usize];
+                        for c in &r.expert_counts {
+                            let e = loads
+                                .entry(c.layer)
+                                .or_insert_with(|| vec![0; c.counts.len()]);
+                            for (a, b) in e.iter_mut().zip(&c.counts) {
+                                *a += b;
+                            }
+                        }
+                    }
+                    for (l, load) in &loads {
+                        bias.entry(*l).or_insert_with(|| vec![0.0; load.len()]);
+                    }
+                    let expected =
+                        routing::rank_checksum(bias.iter().map(|(l, b)| (*l, b.as_slice())));
+                    for v in &reports {
+                        assert_eq!(v[step as usize].bias_checksum, expected, "step {step}");
+                    }
+                    // Routing under the coordinator's bias matches the single-process run.
+                    let want: Vec<(u32, u64)> = single.steps[step as usize]
+                        .expert_load
+                        .iter()
+                        .map(|l| (l.layer as u32, l.max))
+                        .collect();
+                    let got: Vec<(u32, u64)> = loads
+                        .iter()
+                        .map(|(l, v)| (*l, v.iter().copied().max().unwrap_or(0)))
+                        .collect();
+                    assert_eq!(got, want, "step {step}: per-layer max expert load");
+                    let gamma = opts.bias_speed.gamma(tokens_seen);
+                    tokens_seen += reports[0][step as usize].tokens;
+                    for (l, load) in &loads {
+                        if let Some(b) = bias.get_mut(l) {
+                            model::balance::update_routing_bias(b, load, gamma, opts.bias_variant);
+                        }
+                    }
+                    let update = pb::BiasUpdate {
+                        job: "train".into(),
+                        step,
+                        layers: bias
+                            .iter()
+                            .map(|(l, v)| pb::LayerBias {
+                                layer: *l,
+                                values: v.clone(),
+                            })
+                            .collect(),
+                    };
+                    server.push(Down::BiasUpdate(update)).await;
+                }
+            }
+            Seen::Up(Up::CheckpointWritten(c)) => parts.push(c),
+            Seen::Up(Up::RankFinished(f)) => {
+                assert!(f.ok, "rank {} failed: {}", f.rank, f.reason);
+                finished += 1;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    // Checkpoint parts after step 1 (interval 2) and after the last step, from both ranks, each
+    // file on disk with the size the report says; the commit makes rank 0's worker write the index.
+    let mut steps_written: Vec<(u64, u32)> = parts.iter().map(|c| (c.step, c.rank)).collect();
+    steps_written.sort_unstable();
+    assert_eq!(steps_written, vec![(1, 0), (1, 1), (2, 0), (2, 1)]);
+    for c in &parts {
+        assert!(!c.files.is_empty());
+        for f in &c.files {
+            let path = std::path::Path::new(&c.dir).join(&f.path);
+            let len = std::fs::metadata(&path).unwrap().len();
+            assert_eq!(len, f.bytes, "{}", path.display());
+            assert_eq!(f.sha256.len(), 64);
+        }
+    }
+    let last: Vec<pb::CheckpointWritten> = parts.iter().filter(|c| c.step == 2).cloned().collect();
+    let commit = pb::CheckpointCommitted {
+        job: "train".into(),
+        step: 2,
+        dir: last[0].dir.clone(),
+        ranks: last,
+    };
+    push_to(&server, 0, Down::CheckpointCommitted(commit.clone())).await;
+    let index = std::path::Path::new(&commit.dir).join("checkpoint.json");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !index.exists() {
+        assert!(std::time::Instant::now() < deadline, "no checkpoint.json");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&index).unwrap()).unwrap();
+    assert_eq!(doc["ranks"].as_array().unwrap().len(), 2);
+    assert_eq!(doc["steps_done"], 3);
+    let _ = std::fs::remove_dir_all(&ckpt);
+
+    for rank_reports in &reports {
+        assert_eq!(rank_reports.len(), STEPS as usize);
+        for (r, want) in rank_reports.iter().zip(&single.steps) {
+            let total = r.losses.iter().find(|l| l.name == "total").unwrap().value;
+            let rel = (total - want.loss.total).abs() / want.loss.total.abs();
+            assert!(
+                rel < 1e-6,
+                "step {}: pipelined {total} vs single {}",
+                r.step,
+                want.loss.total
+            );
+            assert_eq!(r.tokens, want.tokens);
+            assert!(r.step_seconds > 0.0);
+        }
+    }
+    for s in stops {
+        let _ = s.send(());
+    }
+    for w in workers {
+        tokio::time::timeout(Duration::from_secs(10), w)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
     server.stop().await;
 }

@@ -11,7 +11,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 
 /// Crates that never reach the async runtime, RPC, the store or YAML (compute threads call them).
-const PURE: &[&str] = &["plan", "arch", "kernels", "model", "comm", "executor"];
+const PURE: &[&str] = &[
+    "plan", "arch", "kernels", "model", "comm", "executor", "routing",
+];
 /// What those crates must never reach, directly or transitively.
 const IMPURE: &[&str] = &[
     "tokio",

@@ -1,4 +1,4 @@
-//! What the client subcommands (`submit`, `get`, `describe`, `cancel`) share: the coordinator
+//! What the client subcommands (`submit`, `get`, `describe`, `cancel`, `experts`) share: the coordinator
 //! address and output flags, one RPC helper with a deadline, the exit-code policy, the
 //! serialisable views of wire messages, and the table / JSON / YAML printers.
 //!
@@ -231,16 +231,43 @@ pub struct JobView {
     pub created_unix_ms: u64,
     pub updated_unix_ms: u64,
     pub progress: Option<ProgressView>,
+    /// The latest checkpoint every rank wrote.
+    pub last_checkpoint: Option<CheckpointView>,
+}
+
+/// A complete checkpoint.
+#[derive(Serialize, Debug, Clone)]
+pub struct CheckpointView {
+    /// The step after which it was written (steps numbered from 0).
+    pub step: u64,
+    pub dir: String,
+    pub unix_ms: u64,
+    pub ranks: u32,
+    pub bytes: u64,
+}
+
+/// One named loss term.
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct LossView {
+    pub name: String,
+    pub value: f64,
 }
 
 /// Training progress of a job.
 #[derive(Serialize, Debug, Clone)]
 pub struct ProgressView {
+    /// Steps every rank finished.
     pub step: u64,
+    /// Total loss of the latest finished step.
     pub loss: f64,
     pub tokens: u64,
     pub tokens_per_second: f64,
     pub updated_unix_ms: u64,
+    /// Loss terms of the latest finished step ("main", "mtp", "balance", "total").
+    pub losses: Vec<LossView>,
+    pub step_seconds: f64,
+    pub grad_norm: f64,
+    pub lr: f64,
 }
 
 impl From<&pb::Job> for JobView {
@@ -267,6 +294,24 @@ impl From<&pb::Job> for JobView {
                 tokens: p.tokens,
                 tokens_per_second: p.tokens_per_second,
                 updated_unix_ms: p.updated_unix_ms,
+                losses: p
+                    .losses
+                    .iter()
+                    .map(|l| LossView {
+                        name: l.name.clone(),
+                        value: l.value,
+                    })
+                    .collect(),
+                step_seconds: p.step_seconds,
+                grad_norm: p.grad_norm,
+                lr: p.lr,
+            }),
+            last_checkpoint: j.last_checkpoint.as_ref().map(|c| CheckpointView {
+                step: c.step,
+                dir: c.dir.clone(),
+                unix_ms: c.unix_ms,
+                ranks: c.ranks,
+                bytes: c.bytes,
             }),
         }
     }
@@ -347,6 +392,104 @@ pub struct DescribeView {
     pub placement: Option<PlacementView>,
     pub manifest_yaml: String,
     pub overrides: Vec<String>,
+    /// Per MoE layer max/mean of the latest finished step (absent without expert telemetry).
+    pub imbalance: Option<ImbalanceView>,
+}
+
+/// The expert-load balance of one step.
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct ImbalanceView {
+    pub step: u64,
+    pub layers: Vec<LayerLoadView>,
+}
+
+/// One MoE layer's load in one step.
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct LayerLoadView {
+    pub layer: u32,
+    /// Largest per-expert token count.
+    pub max: u64,
+    /// Mean per-expert token count.
+    pub mean: f64,
+    /// max / mean (1 is perfectly balanced; 0 when nothing was routed).
+    pub max_over_mean: f64,
+}
+
+impl ImbalanceView {
+    /// The latest step of an `ExpertLoads` answer's history, if any.
+    pub fn latest(resp: &pb::ExpertLoadsResponse) -> Option<Self> {
+        let s = resp.history.last()?;
+        Some(Self {
+            step: s.step,
+            layers: s.layers.iter().map(LayerLoadView::from).collect(),
+        })
+    }
+
+    /// The layer with the largest max/mean ratio.
+    pub fn worst(&self) -> Option<&LayerLoadView> {
+        self.layers
+            .iter()
+            .max_by(|a, b| a.max_over_mean.total_cmp(&b.max_over_mean))
+    }
+}
+
+impl From<&pb::LayerLoad> for LayerLoadView {
+    fn from(l: &pb::LayerLoad) -> Self {
+        Self {
+            layer: l.layer,
+            max: l.max,
+            mean: l.mean,
+            max_over_mean: if l.mean > 0.0 {
+                l.max as f64 / l.mean
+            } else {
+                0.0
+            },
+        }
+    }
+}
+
+/// Everything `experts JOB` prints.
+#[derive(Serialize, Debug, Clone)]
+pub struct ExpertLoadsView {
+    pub job: String,
+    /// The step the counts are from (absent before the first finished step).
+    pub step: Option<u64>,
+    /// Per MoE layer, tokens routed to each expert in that step.
+    pub layers: Vec<LayerCountsView>,
+    /// Recent steps' per-layer max/mean, oldest first.
+    pub history: Vec<ImbalanceView>,
+}
+
+/// One layer's per-expert counts.
+#[derive(Serialize, Debug, Clone)]
+pub struct LayerCountsView {
+    pub layer: u32,
+    pub counts: Vec<u64>,
+}
+
+impl From<&pb::ExpertLoadsResponse> for ExpertLoadsView {
+    fn from(r: &pb::ExpertLoadsResponse) -> Self {
+        Self {
+            job: r.job.as_ref().map(|j| j.name.clone()).unwrap_or_default(),
+            step: r.step,
+            layers: r
+                .layers
+                .iter()
+                .map(|l| LayerCountsView {
+                    layer: l.layer,
+                    counts: l.counts.clone(),
+                })
+                .collect(),
+            history: r
+                .history
+                .iter()
+                .map(|s| ImbalanceView {
+                    step: s.step,
+                    layers: s.layers.iter().map(LayerLoadView::from).collect(),
+                })
+                .collect(),
+        }
+    }
 }
 
 /// One phase change.
@@ -437,6 +580,7 @@ impl From<&pb::DescribeJobResponse> for DescribeView {
             }),
             manifest_yaml: d.manifest_yaml.clone(),
             overrides: d.overrides.clone(),
+            imbalance: None,
         }
     }
 }

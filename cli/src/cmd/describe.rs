@@ -1,7 +1,10 @@
-//! `moetrain describe job NAME`: summary, phase transitions with times and reasons, events,
-//! placement (rank → worker, node, device, stages, experts) and the manifest as submitted.
+//! `moetrain describe job NAME`: summary, training progress (step, loss terms, tokens/s, last
+//! checkpoint), the current expert-load imbalance (per MoE layer max/mean of the latest step),
+//! phase transitions with times and reasons, events, placement (rank → worker, node, device,
+//! stages, experts) and the manifest as submitted.
 //!
-//! Invariant: one RPC under `--timeout`; exit 3 for an unknown job.
+//! Invariant: each RPC under `--timeout`; exit 3 for an unknown job. The imbalance comes from a
+//! second RPC (`ExpertLoads`); when it fails the rest is still printed, without it.
 
 use super::client_common::{self as cc, ClientArgs};
 use proto::pb;
@@ -42,7 +45,20 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             client.describe_job(req),
         )
         .await?;
-        let view = cc::DescribeView::from(&resp);
+        let mut view = cc::DescribeView::from(&resp);
+        let loads = cc::rpc(
+            &format!("reading expert loads of job {}", args.name),
+            args.client.timeout,
+            client.expert_loads(pb::ExpertLoadsRequest {
+                name: args.name.clone(),
+                history: 1,
+            }),
+        )
+        .await;
+        match loads {
+            Ok(l) => view.imbalance = cc::ImbalanceView::latest(&l),
+            Err(e) => tracing::warn!(error = %e.message, "expert loads unavailable"),
+        }
         cc::print(args.client.output, &view, describe_text)
     })
 }
@@ -79,14 +95,69 @@ pub fn describe_text(d: &cc::DescribeView) -> String {
             Some(p) if p.step > 0 => {
                 let _ = writeln!(
                     s,
-                    "Progress:      step {}/{}  loss {:.4}  {:.0} tokens/s",
-                    p.step, j.steps, p.loss, p.tokens_per_second
+                    "Progress:      step {}/{}  loss {:.4}  {:.0} tokens/s  {:.2}s/step",
+                    p.step, j.steps, p.loss, p.tokens_per_second, p.step_seconds
+                );
+                let terms: Vec<String> = p
+                    .losses
+                    .iter()
+                    .map(|l| format!("{} {:.4}", l.name, l.value))
+                    .collect();
+                if !terms.is_empty() {
+                    let _ = writeln!(s, "Loss terms:    {}", terms.join("  "));
+                }
+                let _ = writeln!(
+                    s,
+                    "Optimizer:     lr {:.3e}  grad norm {:.4}  tokens {}",
+                    p.lr, p.grad_norm, p.tokens
                 );
             }
             _ => {
                 let _ = writeln!(s, "Progress:      step 0/{}", j.steps);
             }
         }
+        match &j.last_checkpoint {
+            Some(c) => {
+                let _ = writeln!(
+                    s,
+                    "Checkpoint:    after step {} in {} ({} ranks, {} bytes, {})",
+                    c.step,
+                    c.dir,
+                    c.ranks,
+                    c.bytes,
+                    when(c.unix_ms)
+                );
+            }
+            None => {
+                let _ = writeln!(s, "Checkpoint:    none yet");
+            }
+        }
+    }
+    if let Some(im) = &d.imbalance {
+        let worst = im.worst().map_or(String::new(), |w| {
+            format!(", worst {:.2} at layer {}", w.max_over_mean, w.layer)
+        });
+        let _ = writeln!(
+            s,
+            "\nExpert load (step {}, max/mean per MoE layer{worst}):",
+            im.step
+        );
+        let rows: Vec<Vec<String>> = im
+            .layers
+            .iter()
+            .map(|l| {
+                vec![
+                    l.layer.to_string(),
+                    l.max.to_string(),
+                    format!("{:.1}", l.mean),
+                    format!("{:.2}", l.max_over_mean),
+                ]
+            })
+            .collect();
+        s.push_str(&indent(&cc::render_table(
+            &["LAYER", "MAX", "MEAN", "MAX/MEAN"],
+            &rows,
+        )));
     }
     if !d.overrides.is_empty() {
         let _ = writeln!(s, "Overrides:     {}", d.overrides.join(" "));

@@ -1,14 +1,87 @@
-//! The terminal heatmap of per-layer, per-expert routing load behind `moetrain experts JOB`
-//! (issue 7): one row per MoE layer, one cell per expert (or per group of adjacent experts when
-//! there are more experts than columns), shaded by the load relative to the layer's mean, with
-//! the layer's max/mean ratio at the end of the row.
+//! `moetrain experts JOB` (issue 7): the coordinator's expert-load telemetry (`ExpertLoads`) as a
+//! terminal heatmap of the latest step — one row per MoE layer, one cell per expert (or per group
+//! of adjacent experts when there are more experts than columns), shaded by the load relative to
+//! the layer's mean, with the layer's max/mean ratio at the end of the row — followed by the worst
+//! max/mean of recent steps. `-o json|yaml` prints the counts and history instead.
 //!
-//! Invariant: a pure function of the counts and the width (no colour codes, no terminal queries),
-//! so the output is reproducible and testable. Not wired to a subcommand yet: the coordinator's
-//! client RPCs (`DescribeJob`) do not carry expert counts, so there is nothing to fetch.
-#![cfg_attr(not(test), allow(dead_code))]
+//! Invariant: the renderers are pure functions of the counts and the width (no colour codes, no
+//! terminal queries), so the output is reproducible and testable; one RPC under `--timeout`.
 
 use std::fmt::Write as _;
+use std::process::ExitCode;
+
+use proto::pb;
+
+use super::client_common::{self as cc, ClientArgs};
+
+/// Show a job's per-layer, per-expert routing load.
+#[derive(clap::Args, Debug)]
+#[command(after_help = cc::EXIT_CODES_HELP)]
+pub struct Args {
+    /// Job name.
+    pub name: String,
+    /// Heatmap width in cells (adjacent experts merge when there are more).
+    #[arg(long, default_value_t = 64)]
+    pub width: usize,
+    /// Recent steps of max/mean history to show.
+    #[arg(long, default_value_t = 10)]
+    pub history: u32,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// Runs `experts`.
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    cc::run_client("moetrain-cli", || async move {
+        let mut client = cc::connect(&args.client).await?;
+        let resp = cc::rpc(
+            &format!("reading expert loads of job {}", args.name),
+            args.client.timeout,
+            client.expert_loads(pb::ExpertLoadsRequest {
+                name: args.name.clone(),
+                history: args.history,
+            }),
+        )
+        .await?;
+        let view = cc::ExpertLoadsView::from(&resp);
+        let width = args.width;
+        cc::print(args.client.output, &view, |v| experts_text(v, width))
+    })
+}
+
+/// The text of `experts JOB`: the heatmap of the latest step, then the history of the worst
+/// layer's max/mean per step.
+pub fn experts_text(v: &cc::ExpertLoadsView, width: usize) -> String {
+    let mut out = String::new();
+    let Some(step) = v.step else {
+        let _ = writeln!(
+            out,
+            "job {}: no finished step with expert counts yet",
+            v.job
+        );
+        return out;
+    };
+    let _ = writeln!(out, "job {}, step {step}", v.job);
+    let layers: Vec<(u32, Vec<u64>)> = v
+        .layers
+        .iter()
+        .map(|l| (l.layer, l.counts.clone()))
+        .collect();
+    out.push_str(&render_heatmap(&layers, width));
+    if !v.history.is_empty() {
+        out.push_str("\nworst max/mean per step:\n");
+        for s in &v.history {
+            if let Some(w) = s.worst() {
+                let _ = writeln!(
+                    out,
+                    "  step {:>6}  {:.2} (layer {})",
+                    s.step, w.max_over_mean, w.layer
+                );
+            }
+        }
+    }
+    out
+}
 
 /// Shades from idle to hot, indexed by [`shade`].
 const RAMP: [char; 10] = [' ', '.', ':', '-', '=', '+', '*', '#', '%', '@'];
@@ -106,5 +179,48 @@ mod tests {
         assert!(cells[1..].chars().all(|c| c == ':'), "{row}");
         assert!(row.ends_with("max/mean 128.50"), "{row}");
         assert_eq!(render_heatmap(&[], 80), "no expert counts yet\n");
+    }
+
+    #[test]
+    fn experts_text_shows_the_latest_step_and_the_worst_layer_history() {
+        let resp = pb::ExpertLoadsResponse {
+            job: Some(pb::Job {
+                name: "tiny".into(),
+                ..Default::default()
+            }),
+            step: Some(7),
+            layers: vec![pb::LayerExpertCounts {
+                layer: 3,
+                counts: vec![0, 1, 4, 10, 16, 0, 1, 0],
+            }],
+            history: vec![pb::StepLayerLoads {
+                step: 7,
+                layers: vec![
+                    pb::LayerLoad {
+                        layer: 3,
+                        max: 16,
+                        mean: 4.0,
+                    },
+                    pb::LayerLoad {
+                        layer: 4,
+                        max: 5,
+                        mean: 4.0,
+                    },
+                ],
+            }],
+        };
+        let text = experts_text(&cc::ExpertLoadsView::from(&resp), 80);
+        let rows: Vec<&str> = text.lines().collect();
+        assert_eq!(rows[0], "job tiny, step 7");
+        assert_eq!(rows[4], "L  3 [ .=#% . ] max/mean 4.00");
+        assert_eq!(rows.last().copied(), Some("  step      7  4.00 (layer 3)"));
+        let empty = pb::ExpertLoadsResponse {
+            job: resp.job.clone(),
+            ..Default::default()
+        };
+        assert_eq!(
+            experts_text(&cc::ExpertLoadsView::from(&empty), 80),
+            "job tiny: no finished step with expert counts yet\n"
+        );
     }
 }

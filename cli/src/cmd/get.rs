@@ -78,6 +78,10 @@ pub fn jobs_table(jobs: &[cc::JobView]) -> String {
                     Some(p) if p.step > 0 => format!("{}/{}", p.step, j.steps),
                     _ => format!("0/{}", j.steps),
                 },
+                match &j.progress {
+                    Some(p) if p.step > 0 => format!("{:.4}", p.loss),
+                    _ => "-".into(),
+                },
                 cc::age(j.created_unix_ms),
                 j.reason.clone(),
             ]
@@ -85,7 +89,7 @@ pub fn jobs_table(jobs: &[cc::JobView]) -> String {
         .collect();
     cc::render_table(
         &[
-            "NAME", "PHASE", "READY", "PxDxE", "SCHEDULE", "STEP", "AGE", "REASON",
+            "NAME", "PHASE", "READY", "PxDxE", "SCHEDULE", "STEP", "LOSS", "AGE", "REASON",
         ],
         &rows,
     )

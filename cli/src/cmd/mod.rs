@@ -7,6 +7,7 @@ pub mod eval;
 pub mod experts;
 pub mod fp8;
 pub mod get;
+pub mod local;
 pub mod plan;
 pub mod schedule;
 pub mod step;

@@ -144,7 +144,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let training = &job.spec.training;
     let tokens = u64::from(training.seq_len) * u64::from(training.micro_batch_size);
     let (act_bytes, precision) = match training.precision {
-        manifest::Precision::Fp8 => (1, Precision::v3_mixed()),
+        manifest::Precision::Fp8 | manifest::Precision::Fp8Ue8m0 => (1, Precision::v3_mixed()),
         manifest::Precision::Bf16 => (2, Precision::v3_mixed()),
         manifest::Precision::Fp32 => (4, Precision::fp32()),
     };

@@ -8,13 +8,7 @@
 
 use anyhow::{Context as _, bail};
 use indicatif::{ProgressBar, ProgressStyle};
-use model::balance::BiasUpdateVariant;
-use model::data::{DataSpec, SyntheticSpec, SyntheticVariant, TokenDtype};
-use model::loss::LossWeights;
-use model::lr::{BiasSpeedSchedule, LrSchedule};
-use model::optim::{AdamWConfig, MomentDtype};
-use model::precision::Precision;
-use model::train::{InitFrom, Progress, TrainOptions, train_single};
+use model::train::{InitFrom, Progress, train_single};
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -48,7 +42,8 @@ pub struct Args {
     /// Where to write summary.json (default: RUN_DIR/summary.json).
     #[arg(long, value_name = "PATH")]
     pub summary: Option<PathBuf>,
-    /// Run directory for checkpoints and the summary (default: the manifest's checkpointing.dir, else runs/NAME).
+    /// Run directory for checkpoints and the summary (default: the manifest's checkpointing.dir, relative to the
+    /// working directory, else runs/NAME).
     #[arg(long, value_name = "DIR")]
     pub run_dir: Option<PathBuf>,
     /// Initialize from an HF-format model directory instead of random weights.
@@ -93,18 +88,19 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         sets.push(format!("spec.training.precision={p}"));
     }
     sets.extend(args.set.iter().cloned());
-    let job = manifest::parse_job(&src, &origin, &sets).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let job = worker::job::parse(&src, &origin, &sets)?;
     let base = args
         .job
         .as_deref()
         .and_then(Path::parent)
         .unwrap_or(Path::new(""));
-    let config = job.model_config(base).map_err(|e| anyhow::anyhow!("{e}"))?;
 
     let run_dir = args
         .run_dir
         .clone()
-        .or_else(|| job.spec.checkpointing.dir.as_ref().map(|d| base.join(d)))
+        // Output directories are relative to the working directory (inputs are relative to the
+        // manifest).
+        .or_else(|| job.spec.checkpointing.dir.as_ref().map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from("runs").join(&job.metadata.name));
     let checkpoint_dir = job
         .spec
@@ -122,103 +118,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         (None, Some(d)) => InitFrom::HfDir(d.clone()),
         (None, None) => InitFrom::Seed(job.spec.training.seed),
     };
-    let t = &job.spec.training;
-    let o = &t.optimizer;
-    let precision = match t.precision {
-        manifest::Precision::Fp32 => Precision::Fp32,
-        manifest::Precision::Bf16 => Precision::Bf16,
-        manifest::Precision::Fp8 => Precision::Fp8,
-    };
-    let data = match &job.spec.data {
-        manifest::DataSource::Synthetic(s) => {
-            let name = args.synthetic.as_deref().unwrap_or(&s.kind);
-            let variant = match name {
-                "pattern" | "markov" => SyntheticVariant::Markov,
-                "skewed" => SyntheticVariant::Skewed,
-                other => bail!("unknown synthetic data kind {other:?} (pattern/markov, skewed)"),
-            };
-            DataSpec::Synthetic(SyntheticSpec {
-                variant,
-                ..SyntheticSpec::default()
-            })
-        }
-        manifest::DataSource::Text(tx) => {
-            if tx.tokenizer.is_some() {
-                bail!(
-                    "spec.data.text.tokenizer: HF tokenizer.json support is not built in; pre-tokenize to a uint16/uint32 file"
-                );
-            }
-            DataSpec::Text {
-                path: base.join(&tx.path),
-            }
-        }
-        manifest::DataSource::Tokens(tk) => DataSpec::Tokens {
-            path: base.join(&tk.path),
-            dtype: match tk.dtype {
-                manifest::TokenDtype::Uint16 => TokenDtype::U16,
-                manifest::TokenDtype::Uint32 => TokenDtype::U32,
-            },
-        },
-    };
-    let threads = args
-        .threads
-        .or(job.spec.resources.threads_per_rank.map(|n| n as usize))
-        .unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-        });
-    let mtp_depth = t
-        .mtp
-        .depth
-        .map(|d| d as usize)
-        .unwrap_or(config.num_nextn_predict_layers);
-    let opts = TrainOptions {
-        model: config,
-        init,
-        steps: t.steps,
-        seq_len: t.seq_len as usize,
-        micro_batch_size: t.micro_batch_size as usize,
-        micro_batches: job.spec.parallelism.micro_batches() as usize,
-        precision,
-        threads,
-        adamw: AdamWConfig {
-            beta1: o.beta1 as f32,
-            beta2: o.beta2 as f32,
-            eps: o.eps as f32,
-            weight_decay: o.weight_decay as f32,
-            max_grad_norm: (o.grad_clip > 0.0).then_some(o.grad_clip as f32),
-            moment_dtype: match o.moment_dtype {
-                manifest::MomentDtype::Bf16 => MomentDtype::Bf16,
-                manifest::MomentDtype::F32 => MomentDtype::F32,
-            },
-        },
-        lr: LrSchedule {
-            peak: o.lr as f32,
-            floor: o.min_lr as f32,
-            warmup_steps: o.warmup_steps,
-            total_steps: t.steps,
-        },
-        mtp_depth,
-        loss: LossWeights {
-            mtp_lambda: t.mtp.weight,
-            balance_alpha: t.balance_loss_weight,
-        },
-        bias_speed: BiasSpeedSchedule {
-            rate: t.bias_update.rate as f32,
-            until_tokens: t.bias_update.stop_after_tokens,
-        },
-        bias_variant: if t.bias_update.subtract_mean {
-            BiasUpdateVariant::SignMeanSubtracted
-        } else {
-            BiasUpdateVariant::Sign
-        },
-        data,
-        data_seed: t.seed,
+    let over = worker::job::Overrides {
+        init: Some(init),
+        threads: args.threads,
+        synthetic: args.synthetic.clone(),
         checkpoint_dir,
-        checkpoint_interval: job.spec.checkpointing.interval,
-        job: serde_json::to_value(&job).unwrap_or(serde_json::Value::Null),
     };
+    let opts = worker::job::train_options(&job, base, &over)?;
 
     let stop = Arc::new(AtomicBool::new(false));
     {

@@ -40,7 +40,7 @@ pub struct Args {
     /// Index of this worker's first device on its node (several workers may share a node).
     #[arg(long, default_value_t = 0)]
     pub first_device: u32,
-    /// Where the data-plane listener binds (port 0 picks a free port).
+    /// Where the data-plane listeners bind: device i on this port + i (port 0 picks free ports).
     #[arg(long, default_value = "127.0.0.1:0")]
     pub data_plane_listen: SocketAddr,
     /// Address peers use to reach the data plane, if not the bound one.
@@ -55,6 +55,13 @@ pub struct Args {
     /// Longest pause between reconnect attempts (backoff doubles from 100ms up to this, jittered).
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub max_backoff: Duration,
+    /// Compute threads per rank [default: the machine's cores divided by --devices].
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Longest wait for one activation or gradient from a peer (a rank whose peer stays silent
+    /// this long fails its step with a reason).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub recv_timeout: Duration,
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
 }
@@ -102,6 +109,8 @@ async fn daemon(args: Args) -> anyhow::Result<ExitCode> {
     config.connect_timeout = args.rpc_timeout;
     config.rpc_timeout = args.rpc_timeout;
     config.retry.max = args.max_backoff.max(config.retry.initial);
+    config.threads = args.threads;
+    config.recv_timeout = args.recv_timeout;
     if let Err(e) = config.validate() {
         eprintln!("error: {e}");
         return Ok(ExitCode::from(2));
@@ -116,6 +125,9 @@ async fn daemon(args: Args) -> anyhow::Result<ExitCode> {
     };
     tracing::info!(worker_id = %worker_id, data_plane = %bound.data_plane_addr(), coordinator = %args.coordinator, "data-plane listener bound");
     println!("worker {worker_id} data-plane {}", bound.data_plane_addr());
+    for (device, addr) in bound.device_addrs().iter().skip(1) {
+        tracing::info!(device, data_plane = %addr, "device data-plane listener bound");
+    }
     bound
         .run(shutdown_signal())
         .await

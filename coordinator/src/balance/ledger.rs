@@ -9,64 +9,9 @@
 
 use std::collections::{HashMap, VecDeque};
 
+use routing::{GammaSchedule, UpdateVariant, apply_sign_rule, layer_checksum, rank_checksum};
+
 use super::BalanceError;
-use super::checksum::{layer_checksum, rank_checksum};
-
-/// The bias update speed γ: `rate` until `until_tokens` tokens were trained on, then 0 (frozen).
-/// V3: 0.001, then 0 for the last 500B tokens.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct GammaSchedule {
-    /// γ while active.
-    pub rate: f32,
-    /// Trained tokens after which γ is 0; `None` keeps γ = rate forever.
-    pub until_tokens: Option<u64>,
-}
-
-impl GammaSchedule {
-    /// γ for a step that starts after `tokens_seen` tokens.
-    pub fn gamma(&self, tokens_seen: u64) -> f32 {
-        match self.until_tokens {
-            Some(limit) if tokens_seen >= limit => 0.0,
-            _ => self.rate,
-        }
-    }
-}
-
-/// How the sign update is applied.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum UpdateVariant {
-    /// `b_i ← b_i + γ·sign(mean − load_i)`, sign(0) = 0 (DeepSeek-V3).
-    #[default]
-    Sign,
-    /// The sign update, then the mean of the layer's bias subtracted (selection is unchanged).
-    SignMeanSubtracted,
-}
-
-/// Applies one step of the sign rule to one layer: `load[i]` is the number of (token, expert)
-/// assignments to expert `i` over the whole step. The comparison with the mean is exact
-/// (`n·load_i` against `Σ load`, in u128). Bit-for-bit the rule of the single-process trainer.
-/// The caller guarantees `bias.len() == load.len()`; extra entries of the longer slice are ignored.
-pub fn apply_sign_rule(bias: &mut [f32], load: &[u64], gamma: f32, variant: UpdateVariant) {
-    if bias.is_empty() || gamma == 0.0 {
-        return;
-    }
-    let n = load.len() as u128;
-    let total: u128 = load.iter().map(|&l| u128::from(l)).sum();
-    for (b, &l) in bias.iter_mut().zip(load) {
-        let sign = match total.cmp(&(u128::from(l) * n)) {
-            std::cmp::Ordering::Greater => 1.0,
-            std::cmp::Ordering::Less => -1.0,
-            std::cmp::Ordering::Equal => 0.0,
-        };
-        *b += gamma * sign;
-    }
-    if variant == UpdateVariant::SignMeanSubtracted {
-        let mean = (bias.iter().map(|&b| f64::from(b)).sum::<f64>() / bias.len() as f64) as f32;
-        for b in bias.iter_mut() {
-            *b -= mean;
-        }
-    }
-}
 
 /// What the ledger needs to know about the job.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -208,6 +153,7 @@ pub fn presum(reports: &[&[LayerCounts]]) -> Result<Vec<LayerCounts>, BalanceErr
 }
 
 /// A rank's place in the ledger.
+#[derive(Debug)]
 struct Reporter {
     /// Dense index into `reported`.
     slot: usize,
@@ -216,6 +162,7 @@ struct Reporter {
 }
 
 /// The coordinator's routing-bias state for one job.
+#[derive(Debug)]
 pub struct BiasLedger {
     config: BalanceConfig,
     /// Layer ids, ascending.

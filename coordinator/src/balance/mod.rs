@@ -7,17 +7,17 @@
 //! on the previous bias, the integer counts of the step (exact `u64` sums, so the arrival order of
 //! the reports cannot change a bit), γ from the schedule and the variant — the same function the
 //! single-process trainer applies (`model::balance::update_routing_bias`, which this crate must not
-//! link; `executor/tests/balance.rs` shows both give the same bits).
+//! link; both call `routing::apply_sign_rule`, and `executor/tests/balance.rs` shows both give the
+//! same bits). The sign rule, the γ schedule and the checksums are re-exported from `routing`.
 
-mod checksum;
 mod ledger;
 mod wire;
 
-pub use checksum::{layer_checksum, rank_checksum};
 pub use ledger::{
-    BalanceConfig, BiasBroadcast, BiasLedger, GammaSchedule, LayerCounts, LayerHolders,
-    LayerSummary, StepSummary, UpdateVariant, apply_sign_rule, presum,
+    BalanceConfig, BiasBroadcast, BiasLedger, LayerCounts, LayerHolders, LayerSummary, StepSummary,
+    presum,
 };
+pub use routing::{GammaSchedule, UpdateVariant, apply_sign_rule, layer_checksum, rank_checksum};
 pub use wire::{bias_update_message, counts_from_report, layers_from_update};
 
 /// Why the ledger refused a report, a checksum or a configuration.

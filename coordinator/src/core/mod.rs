@@ -17,6 +17,7 @@ pub mod liveness;
 pub mod scheduler;
 #[cfg(test)]
 mod tests;
+pub mod training;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -28,6 +29,7 @@ use crate::store::Snapshot;
 
 pub use liveness::{LivenessVerdict, Verdict, liveness, newly_lost};
 pub use scheduler::{Decision, ScheduleDecision, schedule};
+pub use training::{JobRuntime, STEP_HISTORY};
 
 /// Wall-clock time in Unix milliseconds, passed in by the caller.
 pub type UnixMs = u64;
@@ -153,6 +155,13 @@ pub enum Event {
         /// The report.
         report: Box<pb::StepReport>,
     },
+    /// A worker wrote one rank's part of a checkpoint.
+    CheckpointWritten {
+        /// The worker.
+        worker: String,
+        /// What it wrote.
+        written: Box<pb::CheckpointWritten>,
+    },
     /// Time passed: run liveness (only here) and the scheduler.
     Tick,
 }
@@ -201,8 +210,6 @@ pub struct JobEntry {
     pub stored: pb::StoredJob,
     /// Its events, oldest first.
     pub events: Vec<pb::JobEvent>,
-    /// Latest step each rank reported (not stored; rebuilt from new reports).
-    pub rank_steps: BTreeMap<u32, u64>,
 }
 
 impl JobEntry {
@@ -265,6 +272,9 @@ pub struct State {
 pub struct Core {
     /// The state; public for inspection (tests, describe).
     pub state: State,
+    /// What only lives in memory while jobs train: step history, bias ledgers, pending
+    /// checkpoints (see `training`).
+    pub runtime: BTreeMap<String, JobRuntime>,
     config: Config,
     dirty_jobs: BTreeSet<String>,
     dirty_workers: BTreeSet<String>,
@@ -278,8 +288,19 @@ impl Core {
 
     /// A core over a hand-built (or restored) state.
     pub fn with_state(config: Config, state: State) -> Self {
+        let runtime = state
+            .jobs
+            .iter()
+            .filter(|(_, j)| j.phase() == pb::JobPhase::Running)
+            .map(|(name, j)| {
+                let finished = j.stored.progress.as_ref().map_or(0, |p| p.step);
+                let has_moe = training::layout_of(&j.spec()).is_some();
+                (name.clone(), JobRuntime::restored(finished, has_moe))
+            })
+            .collect();
         Self {
             state,
+            runtime,
             config,
             dirty_jobs: BTreeSet::new(),
             dirty_workers: BTreeSet::new(),
@@ -305,7 +326,6 @@ impl Core {
                 JobEntry {
                     stored,
                     events: job_events,
-                    rank_steps: BTreeMap::new(),
                 },
             );
         }
@@ -377,7 +397,12 @@ impl Core {
                 ok,
                 reason,
             } => self.rank_finished(&worker, &job, rank, ok, reason, now, &mut actions),
-            Event::StepReport { worker, report } => self.step_report(&worker, &report, now),
+            Event::StepReport { worker, report } => {
+                self.step_report(&worker, *report, now, &mut actions)
+            }
+            Event::CheckpointWritten { worker, written } => {
+                self.checkpoint_written(&worker, *written, now, &mut actions)
+            }
             Event::Tick => Ok(()),
         };
         if res.is_ok() {
@@ -681,6 +706,7 @@ impl Core {
                 format!("all {world} ranks reported ready"),
                 now,
             );
+            self.start_ledger(job, now, actions);
         }
         Ok(())
     }
@@ -735,45 +761,6 @@ impl Core {
         Ok(())
     }
 
-    fn step_report(
-        &mut self,
-        worker: &str,
-        report: &pb::StepReport,
-        now: UnixMs,
-    ) -> Result<(), CoreError> {
-        self.check_held(worker, &report.job, report.rank)?;
-        let entry = self
-            .state
-            .jobs
-            .get_mut(&report.job)
-            .ok_or_else(|| CoreError::UnknownJob(report.job.clone()))?;
-        entry.rank_steps.insert(report.rank, report.step);
-        let world = entry.world_size() as usize;
-        let min_step = if entry.rank_steps.len() == world {
-            entry.rank_steps.values().copied().min().unwrap_or(0)
-        } else {
-            0
-        };
-        let progress = entry.stored.progress.get_or_insert_with(Default::default);
-        progress.tokens += report.tokens;
-        if report.rank == 0 {
-            progress.loss = report
-                .losses
-                .first()
-                .map(|l| l.value)
-                .unwrap_or(progress.loss);
-            if report.step_seconds > 0.0 {
-                progress.tokens_per_second = report.tokens as f64 / report.step_seconds;
-            }
-        }
-        progress.updated_unix_ms = now;
-        if min_step > progress.step {
-            progress.step = min_step;
-            self.dirty_jobs.insert(report.job.clone());
-        }
-        Ok(())
-    }
-
     /// Ends a job: moves it to `phase`, tells every holder to stop, frees their devices.
     fn end_job(
         &mut self,
@@ -791,6 +778,11 @@ impl Core {
             return;
         }
         self.transition(job, phase, reason.clone(), now);
+        if let Some(rt) = self.runtime.get_mut(job) {
+            // History and the latest loads stay for `describe`; the ledger and partial sets go.
+            rt.ledger = None;
+            rt.clear_pending();
+        }
         let holders: Vec<String> = self
             .state
             .workers
@@ -967,6 +959,7 @@ impl Core {
         };
         self.transition(job, pb::JobPhase::Scheduled, reason.clone(), now);
         self.event(job, now, "Placed", reason, "", actions);
+        self.runtime.insert(job.to_owned(), JobRuntime::default());
         let peers: Vec<pb::Peer> = placement
             .ranks
             .iter()
@@ -977,6 +970,26 @@ impl Core {
                 data_plane_addr: r.data_plane_addr.clone(),
             })
             .collect();
+        // One op list per pipeline position (row `pp_idx` of the job's schedule).
+        let mut rows: BTreeMap<u32, Vec<pb::Op>> = BTreeMap::new();
+        for r in &placement.ranks {
+            if rows.contains_key(&r.pp_idx) {
+                continue;
+            }
+            match training::ops_of(&spec, r.pp_idx) {
+                Ok(ops) => {
+                    rows.insert(r.pp_idx, ops);
+                }
+                Err(why) => {
+                    // Workers refuse an assignment without ops, which fails the job with their
+                    // reason; this one event says why the lists are empty.
+                    let text = format!("no op lists: {why}");
+                    tracing::warn!(job, %text, "schedule not generated");
+                    self.event(job, now, "ScheduleInvalid", text, "", actions);
+                    break;
+                }
+            }
+        }
         for r in &placement.ranks {
             let assignment = pb::Assignment {
                 job: job.to_owned(),
@@ -995,10 +1008,12 @@ impl Core {
                 schedule: spec.schedule.clone(),
                 micro_batches: spec.micro_batches,
                 steps: spec.steps,
-                ops: Vec::new(),
+                ops: rows.get(&r.pp_idx).cloned().unwrap_or_default(),
                 manifest_yaml: manifest_yaml.clone(),
                 overrides: overrides.clone(),
                 heartbeat_interval_ms: heartbeat_ms,
+                checkpoint_dir: spec.checkpoint_dir.clone(),
+                checkpoint_interval: spec.checkpoint_interval,
             };
             if let Some(w) = self.state.workers.get_mut(&r.worker_id) {
                 w.stored.held.push(pb::HeldRank {

@@ -81,7 +81,12 @@ fn free_devices(state: &State) -> BTreeMap<i32, BTreeMap<(String, u32), FreeDevi
                 .entry((w.stored.node.clone(), d.index))
                 .or_insert_with(|| FreeDevice {
                     worker: id.clone(),
-                    addr: w.stored.data_plane_addr.clone(),
+                    // A device with its own data-plane listener is reached there.
+                    addr: if d.data_plane_addr.is_empty() {
+                        w.stored.data_plane_addr.clone()
+                    } else {
+                        d.data_plane_addr.clone()
+                    },
                 });
         }
     }

@@ -20,6 +20,7 @@ fn spec(name: &str, pipeline: u32, data: u32, expert: u32, schedule: &str) -> pb
         device_kind: pb::DeviceKind::Cpu as i32,
         heartbeat_interval_ms: 0,
         failure_timeout_ms: 0,
+        ..Default::default()
     }
 }
 
@@ -53,6 +54,7 @@ fn register_kind(
                     kind: kind as i32,
                     index,
                     memory_bytes: 1 << 30,
+                    data_plane_addr: String::new(),
                 }],
                 data_plane_addr: format!("127.0.0.1:{}", 9000 + index),
             },
@@ -694,61 +696,435 @@ fn ranks_finishing_end_the_job_succeeded_or_failed() {
     );
 }
 
+/// The worker holding each rank of `job`, in rank order.
+fn holders_of(core: &Core, job: &str) -> Vec<String> {
+    core.state.jobs[job]
+        .stored
+        .placement
+        .as_ref()
+        .expect("placed")
+        .ranks
+        .iter()
+        .map(|r| r.worker_id.clone())
+        .collect()
+}
+
+fn losses(total: f64) -> Vec<pb::LossTerm> {
+    ["main", "mtp", "balance", "total"]
+        .iter()
+        .zip([total - 0.5, 0.4, 0.1, total])
+        .map(|(n, v)| pb::LossTerm {
+            name: (*n).into(),
+            value: v,
+        })
+        .collect()
+}
+
+fn report(job: &str, rank: u32, step: u64, seconds: f64) -> pb::StepReport {
+    pb::StepReport {
+        job: job.into(),
+        rank,
+        step,
+        tokens: 100,
+        step_seconds: seconds,
+        losses: losses(2.5 - step as f64 * 0.1),
+        grad_norm: 1.5,
+        lr: 1e-3,
+        bias_checksum: routing::rank_checksum(std::iter::empty()),
+        ..Default::default()
+    }
+}
+
+fn send_report(core: &mut Core, worker: &str, r: pb::StepReport, now: UnixMs) -> Vec<Action> {
+    core.handle(
+        Event::StepReport {
+            worker: worker.into(),
+            report: Box::new(r),
+        },
+        now,
+    )
+    .expect("step report")
+}
+
 #[test]
 fn step_reports_move_progress_when_every_rank_has_reported() {
     let mut core = Core::new(Config::default());
     submit(&mut core, spec("a", 2, 1, 1, "1f1b"), T0);
     cluster(&mut core, 1, 2, T0);
-    let report = |rank: u32, step: u64| pb::StepReport {
-        job: "a".into(),
+    ready_all(&mut core, "a", T0);
+    let w = holders_of(&core, "a");
+    send_report(&mut core, &w[0], report("a", 0, 0, 0.5), T0 + 1);
+    assert_eq!(core.state.jobs["a"].stored.progress, None, "rank 1 missing");
+    // Rank 0 runs one step ahead; rank 1's step 0 then finishes step 0 only.
+    send_report(&mut core, &w[0], report("a", 0, 1, 0.5), T0 + 2);
+    let acts = send_report(&mut core, &w[1], report("a", 1, 0, 0.25), T0 + 3);
+    assert!(
+        acts.iter().any(|a| matches!(a, Action::PutJob(_))),
+        "progress is stored"
+    );
+    let p = core.state.jobs["a"].stored.progress.clone().unwrap();
+    assert_eq!(
+        (
+            p.step,
+            p.tokens,
+            p.loss,
+            p.tokens_per_second,
+            p.step_seconds
+        ),
+        (1, 100, 2.5, 200.0, 0.5),
+        "tokens count once per step; the slowest rank's time"
+    );
+    assert_eq!((p.grad_norm, p.lr, p.losses.len()), (1.5, 1e-3, 4));
+    // Duplicate, stale and out-of-range reports change nothing.
+    send_report(&mut core, &w[1], report("a", 1, 0, 9.0), T0 + 4);
+    send_report(&mut core, &w[0], report("a", 0, 1, 9.0), T0 + 4);
+    send_report(&mut core, &w[0], report("a", 0, 10, 9.0), T0 + 4);
+    send_report(
+        &mut core,
+        &w[0],
+        report("a", 0, 1 + training::MAX_STEPS_AHEAD, 9.0),
+        T0 + 4,
+    );
+    assert_eq!(core.state.jobs["a"].stored.progress.clone().unwrap(), p);
+    send_report(&mut core, &w[1], report("a", 1, 1, 0.5), T0 + 5);
+    let p = core.state.jobs["a"].stored.progress.clone().unwrap();
+    assert_eq!((p.step, p.tokens), (2, 200));
+    assert!((p.loss - 2.4).abs() < 1e-12, "{}", p.loss);
+    let rt = &core.runtime["a"];
+    let steps: Vec<(u64, f64, u64)> = rt
+        .history
+        .iter()
+        .map(|s| (s.step, s.step_seconds, s.unix_ms))
+        .collect();
+    assert_eq!(steps, vec![(0, 0.5, T0 + 3), (1, 0.5, T0 + 5)]);
+    assert_eq!(rt.history[0].losses, losses(2.5));
+    // A rank the worker does not hold is refused.
+    assert!(matches!(
+        core.handle(
+            Event::StepReport {
+                worker: w[0].clone(),
+                report: Box::new(report("a", 1, 2, 0.5)),
+            },
+            T0 + 6
+        ),
+        Err(CoreError::NotHeld { .. })
+    ));
+}
+
+#[test]
+fn assignments_carry_the_schedule_row_checkpoint_settings_and_device_addresses() {
+    let mut core = Core::new(Config::default());
+    let mut s = spec("a", 2, 2, 2, "dualpipe");
+    s.micro_batches = 4;
+    s.checkpoint_dir = "/ckpt/a".into();
+    s.checkpoint_interval = 5;
+    submit(&mut core, s, T0);
+    // One worker's device listens on its own address.
+    core.handle(
+        Event::Register {
+            reg: Registration {
+                worker_id: "own".into(),
+                node: "n0".into(),
+                devices: vec![pb::Device {
+                    kind: pb::DeviceKind::Cpu as i32,
+                    index: 7,
+                    memory_bytes: 1 << 30,
+                    data_plane_addr: "10.0.0.7:7100".into(),
+                }],
+                data_plane_addr: "10.0.0.1:7000".into(),
+            },
+            session: 1,
+        },
+        T0,
+    )
+    .unwrap();
+    let acts = cluster(&mut core, 1, 3, T0);
+    let assigned = assignments(&acts);
+    assert_eq!(assigned.len(), 4);
+    let schedule = plan::schedule::ScheduleKind::DualPipe
+        .generate(2, 4)
+        .unwrap();
+    for (_, a) in &assigned {
+        let ops: Vec<plan::schedule::Op> = a.ops.iter().map(|o| o.to_plan().unwrap()).collect();
+        assert_eq!(ops, schedule.ops[a.pp_idx as usize], "rank {}", a.rank);
+        assert_eq!(
+            (a.checkpoint_dir.as_str(), a.checkpoint_interval),
+            ("/ckpt/a", 5)
+        );
+    }
+    let own = assigned.iter().find(|(w, _)| w == "own").unwrap().1.rank;
+    let peer = assigned[0].1.peers.iter().find(|p| p.rank == own).unwrap();
+    assert_eq!(peer.data_plane_addr, "10.0.0.7:7100");
+    let other = assigned[0].1.peers.iter().find(|p| p.rank != own).unwrap();
+    assert!(other.data_plane_addr.starts_with("127.0.0.1:"), "{other:?}");
+}
+
+#[test]
+fn a_schedule_that_cannot_be_generated_is_an_event_and_an_empty_op_list() {
+    let mut core = Core::new(Config::default());
+    // DualPipe over pipeline 2 needs 4 micro-batches per replica.
+    let mut s = spec("a", 2, 2, 1, "dualpipe");
+    s.micro_batches = 2;
+    submit(&mut core, s, T0);
+    let acts = cluster(&mut core, 1, 4, T0);
+    assert!(assignments(&acts).iter().all(|(_, a)| a.ops.is_empty()));
+    assert!(event_kinds(&core, "a").contains(&"ScheduleInvalid".to_owned()));
+}
+
+fn written(job: &str, rank: u32, step: u64, dir: &str, sha: &str) -> pb::CheckpointWritten {
+    pb::CheckpointWritten {
+        job: job.into(),
         rank,
         step,
-        tokens: 100,
-        step_seconds: 0.5,
-        losses: vec![pb::LossTerm {
-            name: "lm".into(),
-            value: 2.5,
+        dir: dir.into(),
+        files: vec![pb::CheckpointFile {
+            path: format!("rank-{rank}/model.safetensors"),
+            bytes: 1000,
+            sha256: sha.into(),
         }],
-        ..Default::default()
-    };
-    let w0 = core.state.jobs["a"]
-        .stored
-        .placement
-        .as_ref()
-        .unwrap()
-        .ranks[0]
-        .worker_id
-        .clone();
-    let w1 = core.state.jobs["a"]
-        .stored
-        .placement
-        .as_ref()
-        .unwrap()
-        .ranks[1]
-        .worker_id
-        .clone();
+    }
+}
+
+fn send_written(core: &mut Core, worker: &str, w: pb::CheckpointWritten) -> Vec<Action> {
     core.handle(
-        Event::StepReport {
-            worker: w0.clone(),
-            report: Box::new(report(0, 1)),
+        Event::CheckpointWritten {
+            worker: worker.into(),
+            written: Box::new(w),
         },
-        T0 + 1,
+        T0 + 10,
     )
-    .unwrap();
-    assert_eq!(core.state.jobs["a"].stored.progress.unwrap().step, 0);
-    core.handle(
-        Event::StepReport {
-            worker: w1,
-            report: Box::new(report(1, 1)),
+    .expect("checkpoint written")
+}
+
+#[test]
+fn a_checkpoint_is_committed_only_when_every_rank_wrote_its_part() {
+    let mut core = Core::new(Config::default());
+    submit(&mut core, spec("a", 2, 1, 1, "1f1b"), T0);
+    cluster(&mut core, 1, 2, T0);
+    ready_all(&mut core, "a", T0);
+    let w = holders_of(&core, "a");
+    let sha = "0123456789abcdef".repeat(4);
+    let acts = send_written(&mut core, &w[1], written("a", 1, 4, "/c/step-4", &sha));
+    assert!(sends(&acts).is_empty());
+    assert_eq!(core.state.jobs["a"].stored.last_checkpoint, None, "partial");
+    // Malformed parts are refused with an event and do not count.
+    for bad in [
+        written("a", 0, 4, "/c/step-4", "ABC"),
+        written("a", 0, 4, "/c/other", &sha),
+        pb::CheckpointWritten {
+            files: vec![],
+            ..written("a", 0, 4, "/c/step-4", &sha)
         },
-        T0 + 2,
-    )
-    .unwrap();
-    let p = core.state.jobs["a"].stored.progress.unwrap();
+    ] {
+        send_written(&mut core, &w[0], bad);
+        assert_eq!(core.state.jobs["a"].stored.last_checkpoint, None);
+    }
+    let rejected = core.state.jobs["a"]
+        .events
+        .iter()
+        .filter(|e| e.kind == "CheckpointRejected")
+        .count();
+    assert_eq!(rejected, 3);
+    // A later step's partial set stays pending; step 4 completes.
+    send_written(&mut core, &w[0], written("a", 0, 9, "/c/step-9", &sha));
+    let acts = send_written(&mut core, &w[0], written("a", 0, 4, "/c/step-4", &sha));
+    let info = core.state.jobs["a"].stored.last_checkpoint.clone().unwrap();
     assert_eq!(
-        (p.step, p.tokens, p.loss, p.tokens_per_second),
-        (1, 200, 2.5, 200.0)
+        (info.step, info.dir.as_str(), info.ranks, info.bytes),
+        (4, "/c/step-4", 2, 2000)
     );
+    assert!(event_kinds(&core, "a").contains(&"CheckpointCommitted".to_owned()));
+    assert!(
+        acts.iter()
+            .any(|a| matches!(a, Action::PutJob(j) if j.last_checkpoint.is_some()))
+    );
+    let committed: Vec<_> = sends(&acts)
+        .into_iter()
+        .filter_map(|(to, m)| match m {
+            pb::coordinator_message::Msg::CheckpointCommitted(c) => Some((to, c)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(committed.len(), 1);
+    assert_eq!(committed[0].0, w[0], "sent to the holder of rank 0");
+    assert_eq!((committed[0].1.step, committed[0].1.ranks.len()), (4, 2));
+    // An older step can no longer be committed.
+    send_written(&mut core, &w[0], written("a", 0, 2, "/c/step-2", &sha));
+    send_written(&mut core, &w[1], written("a", 1, 2, "/c/step-2", &sha));
+    assert_eq!(
+        core.state.jobs["a"]
+            .stored
+            .last_checkpoint
+            .as_ref()
+            .unwrap()
+            .step,
+        4
+    );
+}
+
+/// A 1F1B job over two pipeline ranks of a 4-layer model (layer 0 dense, one MTP layer): rank 0
+/// routes layer 1, rank 1 layers 2, 3 and the MTP layer 4. γ = 0.5, 8 experts.
+fn moe_spec(name: &str) -> pb::JobSpec {
+    pb::JobSpec {
+        balance: Some(pb::BalanceSpec {
+            num_hidden_layers: 4,
+            first_k_dense_replace: 1,
+            moe_layer_freq: 1,
+            mtp_depth: 1,
+            rate: 0.5,
+            stop_after_tokens: None,
+            subtract_mean: false,
+            tokens_per_step: 100,
+        }),
+        ..spec(name, 2, 1, 1, "1f1b")
+    }
+}
+
+fn counts(rank: u32, step: u64, layers: &[u32]) -> Vec<pb::ExpertCounts> {
+    layers
+        .iter()
+        .map(|&layer| pb::ExpertCounts {
+            layer,
+            counts: (0..8u64)
+                .map(|e| (e * 3 + u64::from(layer) + u64::from(rank) + step) % 7)
+                .collect(),
+        })
+        .collect()
+}
+
+fn bias_updates(acts: &[Action]) -> Vec<(String, pb::BiasUpdate)> {
+    sends(acts)
+        .into_iter()
+        .filter_map(|(to, m)| match m {
+            pb::coordinator_message::Msg::BiasUpdate(b) => Some((to, b)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_complete_step_sends_every_holder_the_ledgers_new_bias() {
+    let mut core = Core::new(Config::default());
+    submit(&mut core, moe_spec("m"), T0);
+    cluster(&mut core, 1, 2, T0);
+    ready_all(&mut core, "m", T0);
+    assert!(event_kinds(&core, "m").contains(&"BalanceStarted".to_owned()));
+    let w = holders_of(&core, "m");
+    let layers = [vec![1u32], vec![2, 3, 4]];
+    let zero = vec![0.0f32; 8];
+    let mut bias: Vec<Vec<(u32, Vec<f32>)>> = layers
+        .iter()
+        .map(|ls| ls.iter().map(|&l| (l, zero.clone())).collect())
+        .collect();
+    for step in 0..3u64 {
+        let mut last = Vec::new();
+        for rank in 0..2u32 {
+            let r = pb::StepReport {
+                expert_counts: counts(rank, step, &layers[rank as usize]),
+                bias_step: step.saturating_sub(1),
+                bias_checksum: routing::rank_checksum(
+                    bias[rank as usize].iter().map(|(l, b)| (*l, b.as_slice())),
+                ),
+                ..report("m", rank, step, 0.5)
+            };
+            last = send_report(&mut core, &w[rank as usize], r, T0 + step);
+            if rank == 0 {
+                assert!(bias_updates(&last).is_empty(), "rank 1's counts missing");
+            }
+        }
+        assert_eq!(phase(&core, "m"), pb::JobPhase::Running, "step {step}");
+        // The bias updates come before anything else the event sends.
+        let first = sends(&last);
+        assert!(matches!(
+            first[0].1,
+            pb::coordinator_message::Msg::BiasUpdate(_)
+        ));
+        let updates = bias_updates(&last);
+        assert_eq!(updates.len(), 2, "one per holder");
+        for (rank, ls) in layers.iter().enumerate() {
+            let (to, u) = &updates
+                .iter()
+                .find(|(to, _)| *to == w[rank])
+                .expect("update for the holder");
+            assert_eq!(to, &w[rank]);
+            assert_eq!(u.step, step);
+            let got: Vec<u32> = u.layers.iter().map(|l| l.layer).collect();
+            assert_eq!(&got, ls, "only the layers rank {rank} holds");
+            // The ledger's rule: each layer's counts are this rank's alone (one holder each).
+            for (lb, (layer, b)) in u.layers.iter().zip(bias[rank].iter_mut()) {
+                let load = &counts(rank as u32, step, &[*layer])[0].counts;
+                routing::apply_sign_rule(b, load, 0.5, routing::UpdateVariant::Sign);
+                assert_eq!(&lb.values, b, "layer {layer} step {step}");
+            }
+        }
+        let s = core.runtime["m"].history.back().unwrap();
+        assert_eq!(s.step, step);
+        assert_eq!(s.layer_loads.len(), 4);
+        let l1 = &counts(0, step, &[1])[0].counts;
+        assert_eq!(s.layer_loads[0].max, *l1.iter().max().unwrap());
+    }
+    let (step, loads) = core.runtime["m"].latest_loads.clone().unwrap();
+    assert_eq!((step, loads.len()), (2, 4));
+}
+
+#[test]
+fn a_wrong_bias_checksum_fails_the_job_naming_the_rank() {
+    let mut core = Core::new(Config::default());
+    submit(&mut core, moe_spec("m"), T0);
+    cluster(&mut core, 1, 2, T0);
+    ready_all(&mut core, "m", T0);
+    let w = holders_of(&core, "m");
+    let zero = vec![0.0f32; 8];
+    let good = routing::rank_checksum([(1, zero.as_slice())]);
+    let r = pb::StepReport {
+        expert_counts: counts(0, 0, &[1]),
+        bias_checksum: good,
+        ..report("m", 0, 0, 0.5)
+    };
+    send_report(&mut core, &w[0], r, T0 + 1);
+    let mut flipped = zero.clone();
+    flipped[3] = f32::from_bits(1);
+    let bad = routing::rank_checksum([(2, &zero[..]), (3, &zero[..]), (4, &flipped[..])]);
+    let r = pb::StepReport {
+        expert_counts: counts(1, 0, &[2, 3, 4]),
+        bias_checksum: bad,
+        ..report("m", 1, 0, 0.5)
+    };
+    let acts = send_report(&mut core, &w[1], r, T0 + 2);
+    assert_eq!(phase(&core, "m"), pb::JobPhase::Failed);
+    let reason = last_reason(&core, "m");
+    assert!(
+        reason.contains("bias checksum mismatch at step 0: rank 1"),
+        "{reason}"
+    );
+    assert!(reason.contains(&format!("{bad:#018x}")), "{reason}");
+    assert!(event_kinds(&core, "m").contains(&"BiasChecksumMismatch".to_owned()));
+    assert!(bias_updates(&acts).is_empty(), "no bias from a failed step");
+    assert!(core.runtime["m"].ledger.is_none());
+}
+
+#[test]
+fn a_restored_running_moe_job_fails_on_its_next_report_with_the_reason() {
+    let mut core = Core::new(Config::default());
+    submit(&mut core, moe_spec("m"), T0);
+    cluster(&mut core, 1, 2, T0);
+    ready_all(&mut core, "m", T0);
+    let w = holders_of(&core, "m");
+    let snapshot = Snapshot {
+        jobs: core.state.jobs.values().map(|j| j.stored.clone()).collect(),
+        workers: core
+            .state
+            .workers
+            .values()
+            .map(|w| w.stored.clone())
+            .collect(),
+        assignments: core.state.assignments.values().cloned().collect(),
+        events: Default::default(),
+    };
+    let mut core = Core::restore(Config::default(), snapshot, T0 + 1);
+    send_report(&mut core, &w[0], report("m", 0, 0, 0.5), T0 + 2);
+    assert_eq!(phase(&core, "m"), pb::JobPhase::Failed);
+    assert!(last_reason(&core, "m").contains("routing-bias ledger"));
 }
 
 #[test]
@@ -767,6 +1143,7 @@ fn registrations_with_duplicate_devices_or_empty_ids_are_refused() {
         kind: pb::DeviceKind::Cpu as i32,
         index,
         memory_bytes: 0,
+        data_plane_addr: String::new(),
     };
     assert_eq!(
         core.handle(reg("w", vec![cpu(0), cpu(0)]), T0),
@@ -779,6 +1156,7 @@ fn registrations_with_duplicate_devices_or_empty_ids_are_refused() {
         kind: 0,
         index: 0,
         memory_bytes: 0,
+        data_plane_addr: String::new(),
     };
     assert!(core.handle(reg("w", vec![unspecified]), T0).is_err());
 }

@@ -1,5 +1,8 @@
 //! The client-facing `Coordinator` service: submit, get, list, cancel, describe, list workers.
 //!
+//! `JobSteps` and `ExpertLoads` read the in-memory history of the core (`core::training`): a
+//! coordinator restart loses it, never the job.
+//!
 //! Each RPC runs in its own `rpc` span, turns its request into a core event or a read of the
 //! core's state, and maps errors through `status::to_status`. Mutating RPCs answer only after the
 //! store has the change (a flush through the writer).
@@ -12,7 +15,83 @@ use tracing::Instrument;
 
 use super::Shared;
 use crate::Error;
-use crate::core::{Event, JobEntry, State, WorkerEntry};
+use crate::core::{Event, JobEntry, JobRuntime, State, WorkerEntry};
+
+/// Steps `JobSteps` returns when the request sets no limit.
+pub const DEFAULT_STEPS_LIMIT: u32 = 1000;
+/// The most steps one `JobSteps` answer holds.
+pub const MAX_STEPS_LIMIT: u32 = 10_000;
+/// Steps of max/mean history `ExpertLoads` returns when the request sets none.
+pub const DEFAULT_LOAD_HISTORY: u32 = 100;
+
+/// The finished steps of `rt` from `from` on, at most `limit` (0: the default).
+pub fn steps_from(rt: Option<&JobRuntime>, from: u64, limit: u32) -> Vec<pb::StepSummary> {
+    let limit = if limit == 0 {
+        DEFAULT_STEPS_LIMIT
+    } else {
+        limit.min(MAX_STEPS_LIMIT)
+    } as usize;
+    let Some(rt) = rt else {
+        return Vec::new();
+    };
+    let first = rt.history.front().map_or(0, |s| s.step);
+    let skip = usize::try_from(from.saturating_sub(first)).unwrap_or(usize::MAX);
+    rt.history.iter().skip(skip).take(limit).cloned().collect()
+}
+
+/// The expert-load telemetry of `rt`: the latest per-expert counts and `history` steps of
+/// per-layer max/mean (0: the default).
+pub fn expert_loads(
+    rt: Option<&JobRuntime>,
+    job: pb::Job,
+    history: u32,
+) -> pb::ExpertLoadsResponse {
+    let n = if history == 0 {
+        DEFAULT_LOAD_HISTORY
+    } else {
+        history
+    } as usize;
+    let Some(rt) = rt else {
+        return pb::ExpertLoadsResponse {
+            job: Some(job),
+            ..Default::default()
+        };
+    };
+    let (step, layers) = match &rt.latest_loads {
+        Some((step, layers)) => (
+            Some(*step),
+            layers
+                .iter()
+                .map(|l| pb::LayerExpertCounts {
+                    layer: l.layer,
+                    counts: l.counts.clone(),
+                })
+                .collect(),
+        ),
+        None => (None, Vec::new()),
+    };
+    let with_loads: Vec<&pb::StepSummary> = rt
+        .history
+        .iter()
+        .rev()
+        .filter(|s| !s.layer_loads.is_empty())
+        .take(n)
+        .collect();
+    let history = with_loads
+        .into_iter()
+        .rev()
+        .map(|s| pb::StepLayerLoads {
+            step: s.step,
+            layers: s.layer_loads.clone(),
+        })
+        .collect();
+    pb::ExpertLoadsResponse {
+        job: Some(job),
+        step,
+        layers,
+        history,
+    }
+}
 
 /// See the module docs.
 pub struct Api {
@@ -48,8 +127,9 @@ pub fn job_summary(entry: &JobEntry) -> pb::Job {
         created_unix_ms: s.created_unix_ms,
         updated_unix_ms: s.updated_unix_ms,
         ready_ranks: s.ready_ranks.len() as u32,
-        progress: s.progress,
+        progress: s.progress.clone(),
         device_kind: spec.device_kind,
+        last_checkpoint: s.last_checkpoint.clone(),
     }
 }
 
@@ -181,5 +261,35 @@ impl pb::coordinator_server::Coordinator for Api {
             manifest_yaml: entry.stored.manifest_yaml.clone(),
             overrides: entry.stored.overrides.clone(),
         }))
+    }
+
+    async fn job_steps(
+        &self,
+        req: Request<pb::JobStepsRequest>,
+    ) -> Result<Response<pb::JobStepsResponse>, Status> {
+        let _span = tracing::info_span!("rpc", method = "JobSteps").entered();
+        let req = req.into_inner();
+        let inner = self.shared.lock();
+        let entry = find(&inner.core.state, &req.name)?;
+        let steps = steps_from(inner.core.runtime.get(&req.name), req.from_step, req.limit);
+        Ok(Response::new(pb::JobStepsResponse {
+            job: Some(job_summary(entry)),
+            steps,
+        }))
+    }
+
+    async fn expert_loads(
+        &self,
+        req: Request<pb::ExpertLoadsRequest>,
+    ) -> Result<Response<pb::ExpertLoadsResponse>, Status> {
+        let _span = tracing::info_span!("rpc", method = "ExpertLoads").entered();
+        let req = req.into_inner();
+        let inner = self.shared.lock();
+        let job = job_summary(find(&inner.core.state, &req.name)?);
+        Ok(Response::new(expert_loads(
+            inner.core.runtime.get(&req.name),
+            job,
+            req.history,
+        )))
     }
 }

@@ -185,6 +185,10 @@ async fn read_loop(
                 worker: worker.clone(),
                 report: Box::new(report),
             },
+            Msg::CheckpointWritten(c) => Event::CheckpointWritten {
+                worker: worker.clone(),
+                written: Box::new(c),
+            },
             Msg::RankFinished(f) => Event::RankFinished {
                 worker: worker.clone(),
                 job: f.job,

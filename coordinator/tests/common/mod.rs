@@ -94,14 +94,21 @@ pub struct Seen {
     pub assignments: Vec<pb::Assignment>,
     pub commands: Vec<pb::Command>,
     pub heartbeat_acks: u64,
+    pub bias_updates: Vec<pb::BiasUpdate>,
+    pub committed: Vec<pb::CheckpointCommitted>,
 }
 
-/// A fake worker: registers with one cpu device, heartbeats, answers every assignment READY, and
+/// The sending half of a fake worker's current session (none between sessions).
+type Outbox = Arc<Mutex<Option<mpsc::UnboundedSender<pb::WorkerMessage>>>>;
+
+/// A fake worker: registers with one cpu device, heartbeats, answers every assignment READY,
+/// records bias updates and committed checkpoints, sends what a test asks (`send`), and
 /// reconnects every 100 ms when its session ends. Dropping it (or `kill`) aborts it at once, like
 /// SIGKILL: no goodbye reaches the coordinator.
 pub struct FakeWorker {
     pub id: String,
     pub seen: Arc<Mutex<Seen>>,
+    outbox: Outbox,
     task: JoinHandle<()>,
 }
 
@@ -127,16 +134,33 @@ impl FakeWorker {
                 kind: pb::DeviceKind::Cpu as i32,
                 index: device,
                 memory_bytes: 1 << 30,
+                data_plane_addr: String::new(),
             }],
             data_plane_addr: format!("127.0.0.1:{}", 20000 + device),
             version: "test".into(),
         };
-        let task = tokio::spawn(worker_loop(coordinator, reg, heartbeat, seen.clone()));
+        let outbox: Outbox = Arc::default();
+        let task = tokio::spawn(worker_loop(
+            coordinator,
+            reg,
+            heartbeat,
+            seen.clone(),
+            outbox.clone(),
+        ));
         Self {
             id: id.to_owned(),
             seen,
+            outbox,
             task,
         }
+    }
+
+    /// Sends `msg` on the current session; false when none is open.
+    pub fn send(&self, msg: pb::worker_message::Msg) -> bool {
+        let outbox = self.outbox.lock().expect("outbox lock");
+        outbox
+            .as_ref()
+            .is_some_and(|tx| tx.send(pb::WorkerMessage { msg: Some(msg) }).is_ok())
     }
 
     /// Stops the worker abruptly.
@@ -152,9 +176,10 @@ async fn worker_loop(
     reg: pb::Register,
     heartbeat: Duration,
     seen: Arc<Mutex<Seen>>,
+    outbox: Outbox,
 ) {
     loop {
-        let _ = session(coordinator, reg.clone(), heartbeat, &seen).await;
+        let _ = session(coordinator, reg.clone(), heartbeat, &seen, &outbox).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -164,6 +189,7 @@ async fn session(
     reg: pb::Register,
     heartbeat: Duration,
     seen: &Arc<Mutex<Seen>>,
+    outbox: &Outbox,
 ) -> Result<(), tonic::Status> {
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{coordinator}"))
         .map_err(|e| tonic::Status::internal(e.to_string()))?
@@ -180,6 +206,7 @@ async fn session(
         .session(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
         .await?
         .into_inner();
+    *outbox.lock().expect("outbox lock") = Some(tx.clone());
     // Heartbeats run in this task (not a spawned one) so that aborting the worker stops them too.
     let mut beat = tokio::time::interval(heartbeat);
     let mut seq = 0;
@@ -203,7 +230,8 @@ async fn session(
                         s.assignments.push(a);
                     }
                     Msg::Command(c) => s.commands.push(c),
-                    Msg::BiasUpdate(_) => {}
+                    Msg::BiasUpdate(b) => s.bias_updates.push(b),
+                    Msg::CheckpointCommitted(c) => s.committed.push(c),
                 }
             }
             Ok(Some(_)) => {}

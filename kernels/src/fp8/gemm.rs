@@ -305,6 +305,22 @@ fn dequantize_pair(
     );
 }
 
+/// Dequantizes `q` into `out` ([rows, cols] f32, `code · scale` per element with one rounding — the same
+/// values the GEMMs below multiply), in pieces of about 16K elements spread over the pool. Lets a caller
+/// keep a decoded operand that several GEMMs reuse (a weight quantized once per optimizer step).
+pub fn fp8_dequantize(ctx: &ExecCtx, out: &mut [f32], q: &Fp8Matrix<'_>) -> Result<()> {
+    check_len("out", out.len(), dims(&[q.rows, q.cols])?)?;
+    if out.is_empty() {
+        return Ok(());
+    }
+    let per = (16384 / q.cols).max(1);
+    let mut dummy = vec![(); q.rows.div_ceil(per)];
+    ctx.for_each_chunk_pair(out, per * q.cols, &mut dummy, 1, |i, o, _| {
+        dequant_rows(o, q, i * per)
+    });
+    Ok(())
+}
+
 thread_local! {
     /// Dequantized operands, kept per calling thread so repeated GEMMs reuse warm memory instead of
     /// faulting in fresh pages every call (it grows to the largest operands seen on that thread).
@@ -479,6 +495,49 @@ mod tests {
                 "element {i}"
             );
         }
+    }
+
+    #[test]
+    fn dequantize_gives_code_times_scale_in_both_tilings_on_any_thread_budget() {
+        let mut rng = Rng::seeded("fp8deq");
+        let (r, c) = (300, 200);
+        let x = rng.vec_f32(r * c);
+        let ctx = ExecCtx::cpu(1);
+        for fmt in [ScaleFmt::F32, ScaleFmt::Ue8m0] {
+            let (mut ac, mut asc) = (vec![0u8; r * c], vec![0f32; r * 2]);
+            quantize_act(&ctx, &mut ac, &mut asc, &x, r, c, fmt).unwrap();
+            let (mut wc, mut wsc) = (vec![0u8; r * c], vec![0f32; 3 * 2]);
+            quantize_weight(&ctx, &mut wc, &mut wsc, &x, r, c, fmt).unwrap();
+            let cases = [
+                (
+                    &ac,
+                    Fp8Matrix::new(&ac, &asc, r, c, Fp8Tiling::Row).unwrap(),
+                ),
+                (
+                    &wc,
+                    Fp8Matrix::new(&wc, &wsc, r, c, Fp8Tiling::Block).unwrap(),
+                ),
+            ];
+            for (codes, q) in cases {
+                let sm = ScaleMap::of(&q);
+                let want: Vec<f32> = (0..r * c)
+                    .map(|i| e4m3_decode(codes[i]) * sm.get(i / c, (i % c) / TILE))
+                    .collect();
+                for threads in [1, 3] {
+                    let mut got = vec![0f32; r * c];
+                    fp8_dequantize(&ExecCtx::cpu(threads), &mut got, &q).unwrap();
+                    assert!(
+                        got.iter()
+                            .zip(&want)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{fmt:?} {:?} on {threads} threads",
+                        q.tiling()
+                    );
+                }
+            }
+        }
+        let q = Fp8Matrix::new(&[0u8; 4], &[1.0; 2], 2, 2, Fp8Tiling::Row).unwrap();
+        assert!(fp8_dequantize(&ctx, &mut [0f32; 3], &q).is_err());
     }
 
     #[test]

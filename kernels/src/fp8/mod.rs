@@ -16,7 +16,8 @@ pub use codec::{
     e5m2_decode, e5m2_encode,
 };
 pub use gemm::{
-    Fp8Matrix, Fp8Tiling, fp8_matmul_dytx, fp8_matmul_dyw, fp8_matmul_nt_promoted, fp8_matmul_xwt,
+    Fp8Matrix, Fp8Tiling, fp8_dequantize, fp8_matmul_dytx, fp8_matmul_dyw, fp8_matmul_nt_promoted,
+    fp8_matmul_xwt,
 };
 pub use io::{QuantLayout, quantize_safetensors};
 pub use quant::{ScaleFmt, TILE, quantize_act, quantize_act_t, quantize_weight};

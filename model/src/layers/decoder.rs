@@ -5,18 +5,27 @@
 //! [`moe::dispatch`], [`DecoderLayer::experts_forward`] and [`DecoderLayer::combine_forward`] (shared
 //! expert, routed sum, residual), with backward counterparts in reverse order.
 //!
+//! With expert parallelism ([`EpCall`]) the layer holds only its own block of routed experts: the forward
+//! sends each dispatched row to its expert's owner and takes the gate-weighted outputs back, the
+//! backward sends the rows' output gradients to the owners and takes their input and gate-weight
+//! gradients back; the owner keeps its experts' saved state and weight-gradient jobs, so the routing rank
+//! and the owner each run their part of B and W inside the same schedule op. Without it (or with a group
+//! of one) everything stays local and no exchange is called.
+//!
 //! Invariant: a layer's backward consumes its saved state, so a micro-batch cannot be backpropagated twice.
 
 use super::mla::{Mla, MlaSaved};
 use super::mlp::{Mlp, MlpSaved};
-use super::moe::{self, Dispatched, Experts, ExpertsSaved, Router, Routing};
+use super::moe::{self, Dispatched, Experts, ExpertsSaved, OwnerMap, Router, Routing, RowFmt};
 use super::norm::{Embedding, NormSaved, RmsNorm};
 use super::{WJob, WSink, add_into, pid};
+use crate::exchange::{EpCall, Phase};
 use crate::params::ParamStore;
 use crate::precision::{LinInput, Linear, Runtime};
 use crate::{ModelConfig, ModelError, Result};
 use arch::LayerKind;
 use kernels::{Accumulate, Real};
+use std::ops::Range;
 use std::sync::Arc;
 
 /// The FFN half of a layer.
@@ -88,7 +97,11 @@ enum FfnSaved<T: Real> {
 struct MoeSaved<T: Real> {
     routing: Routing<T>,
     disp: Dispatched<T>,
+    /// The state of the experts this rank ran (its own rows, or with expert parallelism the rows
+    /// it received as an owner).
     experts: ExpertsSaved<T>,
+    /// With expert parallelism: where the owner's rows came from.
+    owner: Option<OwnerMap>,
     combine: CombineSaved<T>,
 }
 
@@ -112,12 +125,14 @@ pub struct LayerStats {
 }
 
 impl DecoderLayer {
-    /// Binds layer `layer`'s tensors; `alpha` is the balance-loss coefficient.
+    /// Binds layer `layer`'s tensors; `alpha` is the balance-loss coefficient; `own` are the routed
+    /// experts this rank holds (all of them without expert parallelism).
     pub fn new<T: Real>(
         config: &ModelConfig,
         p: &ParamStore<T>,
         layer: usize,
         alpha: f64,
+        own: Range<usize>,
     ) -> Result<Self> {
         let d = config.hidden_size;
         let pre = format!("model.layers.{layer}");
@@ -130,7 +145,7 @@ impl DecoderLayer {
             )?),
             LayerKind::Moe => Ffn::Moe {
                 router: Router::new(config, p, layer, alpha)?,
-                experts: Experts::new(config, p, layer)?,
+                experts: Experts::new(config, p, layer, own)?,
                 shared: if config.n_shared_experts > 0 {
                     Some(Mlp::new(
                         p,
@@ -185,6 +200,17 @@ impl DecoderLayer {
         Ok((AttnOut { a, u, routing }, AttnSaved { mla, post_ln }))
     }
 
+    /// The routed experts this layer holds (MoE layers only).
+    pub fn own_experts(&self) -> Result<Range<usize>> {
+        match &self.ffn {
+            Ffn::Moe { experts, .. } => Ok(experts.own()),
+            Ffn::Dense(_) => Err(ModelError::Input(format!(
+                "layer {} is dense: no experts",
+                self.layer
+            ))),
+        }
+    }
+
     /// Experts component on dispatched rows (MoE layers only).
     pub fn experts_forward<T: Real>(
         &self,
@@ -237,7 +263,9 @@ impl DecoderLayer {
         ))
     }
 
-    /// The whole layer forward: x [b·t, d] → h [b·t, d].
+    /// The whole layer forward: x [b·t, d] → h [b·t, d]. `ep` is the expert-parallel context (None:
+    /// every routed expert is local).
+    #[allow(clippy::type_complexity)]
     pub fn forward<T: Real>(
         &self,
         rt: &Runtime,
@@ -246,6 +274,7 @@ impl DecoderLayer {
         b: usize,
         t: usize,
         bias: Option<&[f32]>,
+        ep: Option<EpCall<'_>>,
     ) -> Result<(Vec<T>, LayerSaved<T>, LayerStats)> {
         let n = b * t;
         let (out, attn) = self.attn_forward(rt, p, x, b, t, bias)?;
@@ -268,8 +297,31 @@ impl DecoderLayer {
                 let routing = out
                     .routing
                     .ok_or_else(|| ModelError::Input("MoE layer without routing".into()))?;
-                let mut disp = moe::dispatch(&out.u, &routing, self.d, 1);
-                let (y_perm, experts) = self.experts_forward(rt, p, &disp)?;
+                let ep = ep.filter(|e| e.exchange.size() > 1);
+                let ranks = ep.map_or(1, |e| e.exchange.size());
+                let mut disp = moe::dispatch(&out.u, &routing, self.d, ranks);
+                let (y_perm, experts, owner) = match ep {
+                    None => {
+                        let (y, s) = self.experts_forward(rt, p, &disp)?;
+                        (y, s, None)
+                    }
+                    Some(ep) => {
+                        // Dispatch: rows to their experts' owners; as an owner, run the own experts on
+                        // what every member sent; combine: the weighted rows back to their sources.
+                        let (dfmt, cfmt) = RowFmt::for_precision(rt.precision);
+                        let sent = moe::pack_dispatch(&rt.exec, &disp, dfmt)?;
+                        let recv = ep.all_to_all(self.layer, Phase::Dispatch, sent)?;
+                        let own = self.own_experts()?;
+                        let (odisp, map) =
+                            moe::receive_dispatch::<T>(&recv, self.d, disp.k, own, dfmt)?;
+                        drop(recv);
+                        let (y_owner, s) = self.experts_forward(rt, p, &odisp)?;
+                        let back = map.scatter(&rt.exec, &y_owner, None, cfmt)?;
+                        let back = ep.all_to_all(self.layer, Phase::Combine, back)?;
+                        let (y, _) = moe::join_from_ranks(&back, &disp, false, cfmt)?;
+                        (y, s, Some(map))
+                    }
+                };
                 disp.x = Vec::new();
                 let (h, combine) = self.combine_forward(rt, p, out.a, out.u, &y_perm, &disp)?;
                 let stats = LayerStats {
@@ -284,6 +336,7 @@ impl DecoderLayer {
                             routing,
                             disp,
                             experts,
+                            owner,
                             combine,
                         })),
                     },
@@ -379,7 +432,8 @@ impl DecoderLayer {
         router.backward_input(rt, p, du, &dw, routing, loss_scale, sink)
     }
 
-    /// B for the whole layer: dh [n, d] → dx [n, d]; `loss_scale` scales the balance-loss gradient.
+    /// B for the whole layer: dh [n, d] → dx [n, d]; `loss_scale` scales the balance-loss gradient;
+    /// `ep` must be the context the forward ran with.
     pub fn backward_input<T: Real>(
         &self,
         rt: &Runtime,
@@ -387,6 +441,7 @@ impl DecoderLayer {
         dh: Vec<T>,
         s: LayerSaved<T>,
         loss_scale: f64,
+        ep: Option<EpCall<'_>>,
         sink: &mut WSink<'_, T>,
     ) -> Result<Vec<T>> {
         let n = dh.len() / self.d;
@@ -400,13 +455,38 @@ impl DecoderLayer {
                     routing,
                     disp,
                     experts: es,
+                    owner,
                     combine,
                 } = *ms;
                 // Combine backward (gradient dispatch + shared expert), experts backward, dispatch backward
                 // (gradient combine) with the router.
                 let (dperm, du_shared) = self.combine_backward(rt, p, &dh, &disp, combine, sink)?;
                 du = du_shared;
-                let (dxp, dgate) = self.experts_backward(rt, p, &dperm, es, sink)?;
+                let ep = ep.filter(|e| e.exchange.size() > 1);
+                let (dxp, dgate) = match (ep, owner) {
+                    (None, None) => self.experts_backward(rt, p, &dperm, es, sink)?,
+                    (Some(ep), Some(map)) => {
+                        // The rows' output gradients go to their owners, which run their experts'
+                        // B (keeping the W-jobs) and send back input and gate-weight gradients.
+                        let (dfmt, cfmt) = RowFmt::for_precision(rt.precision);
+                        let sent = moe::split_by_rank(&rt.exec, &dperm, &disp, dfmt)?;
+                        drop(dperm);
+                        let recv = ep.all_to_all(self.layer, Phase::GradDispatch, sent)?;
+                        let dy_owner = map.gather::<T>(&recv, dfmt)?;
+                        drop(recv);
+                        let (dx_owner, dg_owner) =
+                            self.experts_backward(rt, p, &dy_owner, es, sink)?;
+                        let back = map.scatter(&rt.exec, &dx_owner, Some(&dg_owner), cfmt)?;
+                        let back = ep.all_to_all(self.layer, Phase::GradCombine, back)?;
+                        moe::join_from_ranks(&back, &disp, true, cfmt)?
+                    }
+                    _ => {
+                        return Err(ModelError::Input(format!(
+                            "layer {}: the backward's expert parallelism differs from the forward's",
+                            self.layer
+                        )));
+                    }
+                };
                 self.dispatch_backward(
                     rt, p, &mut du, &dxp, &dgate, &disp, routing, loss_scale, sink,
                 )?;
@@ -530,12 +610,13 @@ impl<T: Real> MtpSaved<T> {
 }
 
 impl MtpModule {
-    /// Binds MTP module `k` (layer id num_hidden_layers + k − 1).
+    /// Binds MTP module `k` (layer id num_hidden_layers + k − 1), holding the routed experts `own`.
     pub fn new<T: Real>(
         config: &ModelConfig,
         p: &ParamStore<T>,
         k: usize,
         alpha: f64,
+        own: Range<usize>,
     ) -> Result<Self> {
         let layer = config.num_hidden_layers + k - 1;
         let pre = format!("model.layers.{layer}");
@@ -554,7 +635,7 @@ impl MtpModule {
                 eps,
             },
             eh: Linear::high_precision(pid(p, &pre, "eh_proj.weight")?, d, 2 * d),
-            block: DecoderLayer::new(config, p, layer, alpha)?,
+            block: DecoderLayer::new(config, p, layer, alpha, own)?,
             head: Head::new(config, p, &format!("{pre}.shared_head.norm.weight"))?,
             d,
         })
@@ -573,6 +654,7 @@ impl MtpModule {
         b: usize,
         t_full: usize,
         bias: Option<&[f32]>,
+        ep: Option<EpCall<'_>>,
     ) -> Result<(Vec<T>, Vec<T>, MtpSaved<T>, LayerStats)> {
         let d = self.d;
         let k = self.k;
@@ -597,7 +679,7 @@ impl MtpModule {
         }
         let cat = Arc::new(self.eh.input(rt, cat, n)?);
         let x = self.eh.forward(rt, p, &cat)?;
-        let (hk, block, stats) = self.block.forward(rt, p, x, b, t_out, bias)?;
+        let (hk, block, stats) = self.block.forward(rt, p, x, b, t_out, bias, ep)?;
         let (_, logits, head) = self.head.forward(rt, p, hk.clone())?;
         let saved = MtpSaved {
             b,
@@ -626,6 +708,7 @@ impl MtpModule {
         mut dh_k: Vec<T>,
         s: MtpSaved<T>,
         loss_scale: f64,
+        ep: Option<EpCall<'_>>,
         sink: &mut WSink<'_, T>,
     ) -> Result<()> {
         let d = self.d;
@@ -634,7 +717,7 @@ impl MtpModule {
             .backward_input(rt, p, &mut dh_k, dlogits, s.head, sink)?;
         let dx = self
             .block
-            .backward_input(rt, p, dh_k, s.block, loss_scale, sink)?;
+            .backward_input(rt, p, dh_k, s.block, loss_scale, ep, sink)?;
         let mut dcat = vec![T::ZERO; n * 2 * d];
         self.eh
             .backward_input(rt, p, &mut dcat, &dx, n, Accumulate::Overwrite)?;

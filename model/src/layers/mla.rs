@@ -186,7 +186,7 @@ impl Mla {
         let mut o = vec![T::ZERO; n * h * dv];
         let mut lse = vec![T::ZERO; b * h * t];
         attention_forward(
-            &rt.exec,
+            &crate::profile::timed(crate::profile::Category::Attention, &rt.exec),
             &mut o,
             &mut lse,
             &q,
@@ -246,7 +246,7 @@ impl Mla {
         let mut dk = vec![T::ZERO; n * h * dqk];
         let mut dvv = vec![T::ZERO; n * h * dv];
         attention_backward(
-            &rt.exec,
+            &crate::profile::timed(crate::profile::Category::Attention, &rt.exec),
             &mut dq,
             &mut dk,
             &mut dvv,
