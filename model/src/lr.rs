@@ -50,12 +50,14 @@ pub struct BiasSpeedSchedule {
 }
 
 impl BiasSpeedSchedule {
-    /// γ for a step that starts after `tokens_seen` tokens.
+    /// γ for a step that starts after `tokens_seen` tokens (the rule every party shares:
+    /// `routing::GammaSchedule`).
     pub fn gamma(&self, tokens_seen: u64) -> f32 {
-        match self.until_tokens {
-            Some(limit) if tokens_seen >= limit => 0.0,
-            _ => self.rate,
+        routing::GammaSchedule {
+            rate: self.rate,
+            until_tokens: self.until_tokens,
         }
+        .gamma(tokens_seen)
     }
 }
 

@@ -19,6 +19,29 @@ fn read_summary(path: &std::path::Path) -> anyhow::Result<serde_json::Value> {
     Ok(serde_json::from_str(&text)?)
 }
 
+/// Runs `moetrain local MANIFEST ARGS.. --no-progress --run-dir RUN_DIR`, requires exit 0 and
+/// returns the run's summary.json.
+fn local(
+    manifest: &str,
+    args: &[&str],
+    run_dir: &std::path::Path,
+) -> anyhow::Result<serde_json::Value> {
+    let dir = run_dir.to_str().context("run dir is not UTF-8")?;
+    let mut full = vec!["local", manifest];
+    full.extend_from_slice(args);
+    full.extend(["--no-progress", "--run-dir", dir]);
+    let out = cli_with_timeout(&full, Duration::from_secs(300))?;
+    ensure!(
+        out.code == Some(0),
+        "moetrain {} exited {:?}\nstdout:\n{}\nstderr:\n{}",
+        full.join(" "),
+        out.code,
+        out.stdout,
+        out.stderr
+    );
+    read_summary(&run_dir.join("summary.json"))
+}
+
 fn rel(a: f64, b: f64) -> f64 {
     (a - b).abs() / b.abs().max(1e-12)
 }
@@ -57,28 +80,7 @@ fn local_mode_reproduces_the_single_process_trainer_under_every_schedule() -> an
     for schedule in ["dualpipe", "dualpipev", "1f1b"] {
         let run_dir = scratch.path(&format!("local-{schedule}"));
         let sched = format!("spec.parallelism.schedule={schedule}");
-        let out = cli_with_timeout(
-            &[
-                "local",
-                manifest,
-                "--steps",
-                &steps,
-                "--set",
-                &sched,
-                "--no-progress",
-                "--run-dir",
-                run_dir.to_str().context("utf-8")?,
-            ],
-            Duration::from_secs(300),
-        )?;
-        ensure!(
-            out.code == Some(0),
-            "local ({schedule}) exited {:?}\nstdout:\n{}\nstderr:\n{}",
-            out.code,
-            out.stdout,
-            out.stderr
-        );
-        let got = read_summary(&run_dir.join("summary.json"))?;
+        let got = local(manifest, &["--steps", &steps, "--set", &sched], &run_dir)?;
         ensure!(got["mode"] == "local");
         let steps_got = got["steps"].as_array().context("local steps")?;
         ensure!(
@@ -134,24 +136,7 @@ fn local_mode_runs_a_32_rank_simulated_job() -> anyhow::Result<()> {
     let manifest = repo_root().join("manifests/simulated-32.yaml");
     let manifest = manifest.to_str().context("manifest path is not UTF-8")?;
     let run_dir = scratch.path("sim32");
-    let out = cli_with_timeout(
-        &[
-            "local",
-            manifest,
-            "--no-progress",
-            "--run-dir",
-            run_dir.to_str().context("utf-8")?,
-        ],
-        Duration::from_secs(300),
-    )?;
-    ensure!(
-        out.code == Some(0),
-        "local exited {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.code,
-        out.stdout,
-        out.stderr
-    );
-    let got = read_summary(&run_dir.join("summary.json"))?;
+    let got = local(manifest, &[], &run_dir)?;
     let steps = got["steps"].as_array().context("steps")?;
     ensure!(steps.len() == 5, "{} steps", steps.len());
     for s in steps {
@@ -180,10 +165,9 @@ fn coordinator_bias_updates_reduce_the_imbalance_of_skewed_routing() -> anyhow::
     for rate in ["0.02", "0"] {
         let run_dir = scratch.path(&format!("skew-{rate}"));
         let set_rate = format!("spec.training.biasUpdate.rate={rate}");
-        let out = cli_with_timeout(
+        let got = local(
+            manifest,
             &[
-                "local",
-                manifest,
                 "--steps",
                 &steps,
                 "--set",
@@ -192,19 +176,9 @@ fn coordinator_bias_updates_reduce_the_imbalance_of_skewed_routing() -> anyhow::
                 &set_rate,
                 "--set",
                 "spec.training.optimizer.warmupSteps=2",
-                "--no-progress",
-                "--run-dir",
-                run_dir.to_str().context("utf-8")?,
             ],
-            Duration::from_secs(300),
+            &run_dir,
         )?;
-        ensure!(
-            out.code == Some(0),
-            "local (rate {rate}) exited {:?}\n{}",
-            out.code,
-            out.stderr
-        );
-        let got = read_summary(&run_dir.join("summary.json"))?;
         let steps = got["steps"].as_array().context("steps")?;
         ensure!(steps.len() == STEPS);
         let mut sum = 0.0;

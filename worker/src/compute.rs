@@ -538,12 +538,6 @@ impl Env<'_> {
             }
             let report = run_step(ops, &ctx, &mut sim, &*plane, step, &timeouts)
                 .map_err(|e| format!("step {step}: {e}"))?;
-            let t = &report.timings;
-            let timing = |kind: pb::OpKind, o: &executor::OpTime| pb::OpTiming {
-                kind: kind as i32,
-                count: o.count,
-                seconds: o.seconds,
-            };
             let msg = pb::StepReport {
                 job: a.job.clone(),
                 rank: a.rank,
@@ -551,15 +545,7 @@ impl Env<'_> {
                 losses: Vec::new(),
                 tokens,
                 step_seconds: waited.elapsed().as_secs_f64(),
-                timings: vec![
-                    timing(pb::OpKind::Forward, &t.forward),
-                    timing(pb::OpKind::Backward, &t.backward),
-                    timing(pb::OpKind::BackwardInput, &t.backward_input),
-                    timing(pb::OpKind::BackwardWeight, &t.weight),
-                    timing(pb::OpKind::ForwardBackward, &t.overlapped),
-                    timing(pb::OpKind::Send, &t.send),
-                    timing(pb::OpKind::Recv, &t.recv),
-                ],
+                timings: op_timings(&report.timings),
                 expert_counts: moe_layers
                     .iter()
                     .map(|&layer| pb::ExpertCounts {
@@ -793,6 +779,24 @@ fn session_id(job: &str, peers: &[SocketAddr]) -> u64 {
     h
 }
 
+/// Per-op-kind wall times of a step, as reported.
+fn op_timings(t: &OpTimings) -> Vec<pb::OpTiming> {
+    let timing = |kind: pb::OpKind, o: &executor::OpTime| pb::OpTiming {
+        kind: kind as i32,
+        count: o.count,
+        seconds: o.seconds,
+    };
+    vec![
+        timing(pb::OpKind::Forward, &t.forward),
+        timing(pb::OpKind::Backward, &t.backward),
+        timing(pb::OpKind::BackwardInput, &t.backward_input),
+        timing(pb::OpKind::BackwardWeight, &t.weight),
+        timing(pb::OpKind::ForwardBackward, &t.overlapped),
+        timing(pb::OpKind::Send, &t.send),
+        timing(pb::OpKind::Recv, &t.recv),
+    ]
+}
+
 /// The wire report of one finished step.
 fn step_report(
     a: &pb::Assignment,
@@ -805,11 +809,6 @@ fn step_report(
     let loss = |name: &str, value: f64| pb::LossTerm {
         name: name.into(),
         value,
-    };
-    let timing = |kind: pb::OpKind, o: &executor::OpTime| pb::OpTiming {
-        kind: kind as i32,
-        count: o.count,
-        seconds: o.seconds,
     };
     pb::WorkerMessage {
         msg: Some(pb::worker_message::Msg::StepReport(pb::StepReport {
@@ -824,15 +823,7 @@ fn step_report(
             ],
             tokens: out.tokens,
             step_seconds: wall_s,
-            timings: vec![
-                timing(pb::OpKind::Forward, &t.forward),
-                timing(pb::OpKind::Backward, &t.backward),
-                timing(pb::OpKind::BackwardInput, &t.backward_input),
-                timing(pb::OpKind::BackwardWeight, &t.weight),
-                timing(pb::OpKind::ForwardBackward, &t.overlapped),
-                timing(pb::OpKind::Send, &t.send),
-                timing(pb::OpKind::Recv, &t.recv),
-            ],
+            timings: op_timings(t),
             // Only the layers this rank routes with (the model keeps zero counters for the rest).
             expert_counts: out
                 .local_expert_load

@@ -162,6 +162,30 @@ impl Daemon {
                 "the coordinator has no record of this worker; dropping the ranks it held"
             );
         }
+        if registered.resumed {
+            // Ranks the coordinator no longer counts as ours ended while we were apart.
+            let keep: std::collections::HashSet<(String, u32)> = registered
+                .held
+                .iter()
+                .map(|h| (h.job.clone(), h.rank))
+                .collect();
+            let gone: Vec<(String, u32)> = self
+                .ranks
+                .keys()
+                .into_iter()
+                .filter(|k| !keep.contains(k))
+                .collect();
+            if !gone.is_empty() {
+                warn!(
+                    ?gone,
+                    "the coordinator no longer counts these ranks as ours; stopping them"
+                );
+                for (job, _) in &gone {
+                    self.ranks.stop_job(job);
+                }
+                self.stop_runs(|k| !keep.contains(k));
+            }
+        }
         let cfg = &self.config;
         let interval = match registered.heartbeat_interval_ms {
             0 => cfg.heartbeat_interval,

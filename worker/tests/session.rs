@@ -79,6 +79,9 @@ impl pb::worker_session_server::WorkerSession for Fake {
                 resumed,
                 heartbeat_interval_ms: 50,
                 failure_timeout_ms: 3000,
+                // The fake keeps no assignments: a resumed worker stops its ranks and the test
+                // re-sends them.
+                held: Vec::new(),
             };
             let msg = pb::CoordinatorMessage {
                 msg: Some(Down::Registered(reply)),

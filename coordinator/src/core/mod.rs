@@ -294,7 +294,8 @@ impl Core {
             .filter(|(_, j)| j.phase() == pb::JobPhase::Running)
             .map(|(name, j)| {
                 let finished = j.stored.progress.as_ref().map_or(0, |p| p.step);
-                let has_moe = training::layout_of(&j.spec()).is_some();
+                let has_moe =
+                    training::layout_of(&j.spec()).is_some_and(|l| !l.moe_layers().is_empty());
                 (name.clone(), JobRuntime::restored(finished, has_moe))
             })
             .collect();
@@ -568,6 +569,27 @@ impl Core {
         entry.session = session;
         let held = entry.stored.held.clone();
         self.dirty_workers.insert(id.clone());
+        // A running MoE job restored after a coordinator restart lost its bias ledger: it ends
+        // now, when its first holder is back, and this worker is told it holds none of its ranks.
+        let lost: Vec<(String, String)> = held
+            .iter()
+            .map(|h| h.job.clone())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .filter_map(|job| {
+                let why = self.runtime.get(&job)?.ledger_lost()?.to_owned();
+                let running = self
+                    .state
+                    .jobs
+                    .get(&job)
+                    .is_some_and(|j| j.phase() == pb::JobPhase::Running);
+                running.then_some((job, why))
+            })
+            .collect();
+        let held: Vec<pb::HeldRank> = held
+            .into_iter()
+            .filter(|h| !lost.iter().any(|(j, _)| *j == h.job))
+            .collect();
         actions.push(Action::Presence {
             worker: id.clone(),
             present: true,
@@ -581,8 +603,19 @@ impl Core {
                     self.config.heartbeat_interval,
                 ),
                 failure_timeout_ms: proto::convert::duration_to_ms(self.config.failure_timeout),
+                held: held.clone(),
             })),
         });
+        for (job, why) in lost {
+            self.end_job(
+                &job,
+                pb::JobPhase::Failed,
+                why,
+                pb::CommandKind::Stop,
+                now,
+                actions,
+            );
+        }
         // Re-send what it still holds: the worker may have restarted, or the coordinator may have.
         for h in held {
             if let Some(a) = self.state.assignments.get(&(h.job.clone(), h.rank)) {

@@ -82,6 +82,12 @@ pub struct JobRuntime {
 }
 
 impl JobRuntime {
+    /// Why the job cannot be balanced any more, if so (a running MoE job restored after a
+    /// coordinator restart).
+    pub fn ledger_lost(&self) -> Option<&str> {
+        self.ledger_lost.as_deref()
+    }
+
     /// Drops pending steps and partial checkpoints (the job ended).
     pub fn clear_pending(&mut self) {
         self.pending.clear();
