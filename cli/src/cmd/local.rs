@@ -281,6 +281,9 @@ async fn drive(
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
             .kill_on_drop(true)
+            // Their own process group: a Ctrl-C in the terminal reaches only this command, which
+            // cancels the job and then stops the workers in order.
+            .process_group(0)
             .spawn()
             .with_context(|| format!("starting worker {i} ({})", exe.display()))?;
         // The first stdout line says the worker is up; the rest is not needed.
@@ -382,16 +385,30 @@ async fn follow(
     let mut steps: Vec<pb::StepSummary> = Vec::new();
     let mut last_progress = Instant::now();
     let mut interrupted = false;
-    let ctrl_c = tokio::signal::ctrl_c();
-    tokio::pin!(ctrl_c);
+    // Ctrl-C, or SIGTERM from a supervisor: cancel the job and shut everything down in order.
+    let stop_signal = async {
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            () = term => {}
+        }
+    };
+    tokio::pin!(stop_signal);
     let final_job = loop {
         tokio::select! {
-            _ = &mut ctrl_c, if !interrupted => {
+            () = &mut stop_signal, if !interrupted => {
                 interrupted = true;
-                bar.println("local: Ctrl-C — cancelling the job and shutting down (Ctrl-C again to abort)");
+                bar.println("local: interrupted — cancelling the job and shutting down (Ctrl-C again to abort)");
                 let _ = client.cancel_job(pb::CancelJobRequest {
                     name: name.to_string(),
-                    reason: "interrupted (Ctrl-C) in `moetrain local`".into(),
+                    reason: "interrupted (Ctrl-C or SIGTERM) in `moetrain local`".into(),
                 }).await;
                 tokio::spawn(async {
                     if tokio::signal::ctrl_c().await.is_ok() {
