@@ -147,7 +147,8 @@ impl RankRun {
     }
 
     /// Asks the thread to stop: it will not report the rank as finished, and a wait on a peer
-    /// returns at once.
+    /// returns at once. Shutting the data plane down may wait for its queued sends (the plane's
+    /// linger), so call this from a blocking thread, never from the async runtime.
     pub(crate) fn stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
         let plane = self.plane.lock().unwrap_or_else(|p| p.into_inner()).clone();

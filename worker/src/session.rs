@@ -337,10 +337,11 @@ impl Daemon {
         if runs.is_empty() {
             return;
         }
-        for r in &runs {
-            r.stop();
-        }
+        // Stopping shuts the data planes down, which may block: on a blocking thread, all first.
         let joined = tokio::task::spawn_blocking(move || {
+            for r in &runs {
+                r.stop();
+            }
             for r in runs {
                 r.stop_and_join(grace);
             }
@@ -357,7 +358,8 @@ impl Daemon {
         let limit = self.config.shutdown_grace;
         for k in keys {
             if let Some(run) = self.runs.remove(&k) {
-                run.stop();
+                // Shutting a data plane down may wait for its queued sends (the plane's linger):
+                // never on the async runtime.
                 tokio::task::spawn_blocking(move || run.stop_and_join(limit));
             }
         }
