@@ -1128,6 +1128,46 @@ fn a_restored_running_moe_job_fails_on_its_next_report_with_the_reason() {
 }
 
 #[test]
+fn a_restored_moe_job_ends_when_its_first_holder_is_back_and_the_worker_is_told_it_holds_nothing() {
+    let mut core = Core::new(Config::default());
+    submit(&mut core, moe_spec("m"), T0);
+    cluster(&mut core, 1, 2, T0);
+    ready_all(&mut core, "m", T0);
+    let w = holders_of(&core, "m");
+    let snapshot = Snapshot {
+        jobs: core.state.jobs.values().map(|j| j.stored.clone()).collect(),
+        workers: core
+            .state
+            .workers
+            .values()
+            .map(|w| w.stored.clone())
+            .collect(),
+        assignments: core.state.assignments.values().cloned().collect(),
+        events: Default::default(),
+    };
+    let mut core = Core::restore(Config::default(), snapshot, T0 + 1);
+    assert_eq!(phase(&core, "m"), pb::JobPhase::Running);
+    let actions = register(&mut core, &w[0], "n0", 0, T0 + 2);
+    let msgs = sends(&actions);
+    // Registered comes first, resumed, and lists no rank of the ended job.
+    match &msgs[0] {
+        (to, pb::coordinator_message::Msg::Registered(r)) => {
+            assert_eq!(to, &w[0]);
+            assert!(r.resumed);
+            assert!(r.held.is_empty(), "{:?}", r.held);
+        }
+        other => panic!("expected Registered first, got {other:?}"),
+    }
+    assert!(
+        assignments(&actions).is_empty(),
+        "no assignment of the ended job is re-sent"
+    );
+    assert_eq!(phase(&core, "m"), pb::JobPhase::Failed);
+    assert!(last_reason(&core, "m").contains("routing-bias ledger"));
+    assert!(core.state.workers[&w[0]].stored.held.is_empty());
+}
+
+#[test]
 fn registrations_with_duplicate_devices_or_empty_ids_are_refused() {
     let mut core = Core::new(Config::default());
     let reg = |id: &str, devices: Vec<pb::Device>| Event::Register {
