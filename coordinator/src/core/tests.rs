@@ -1103,13 +1103,9 @@ fn a_wrong_bias_checksum_fails_the_job_naming_the_rank() {
     assert!(core.runtime["m"].ledger.is_none());
 }
 
-#[test]
-fn a_restored_running_moe_job_fails_on_its_next_report_with_the_reason() {
-    let mut core = Core::new(Config::default());
-    submit(&mut core, moe_spec("m"), T0);
-    cluster(&mut core, 1, 2, T0);
-    ready_all(&mut core, "m", T0);
-    let w = holders_of(&core, "m");
+/// A core restored from what `core` stored (jobs, workers, assignments; no events), as after a
+/// coordinator restart at `now`.
+fn restart(core: &Core, now: UnixMs) -> Core {
     let snapshot = Snapshot {
         jobs: core.state.jobs.values().map(|j| j.stored.clone()).collect(),
         workers: core
@@ -1121,7 +1117,17 @@ fn a_restored_running_moe_job_fails_on_its_next_report_with_the_reason() {
         assignments: core.state.assignments.values().cloned().collect(),
         events: Default::default(),
     };
-    let mut core = Core::restore(Config::default(), snapshot, T0 + 1);
+    Core::restore(Config::default(), snapshot, now)
+}
+
+#[test]
+fn a_restored_running_moe_job_fails_on_its_next_report_with_the_reason() {
+    let mut core = Core::new(Config::default());
+    submit(&mut core, moe_spec("m"), T0);
+    cluster(&mut core, 1, 2, T0);
+    ready_all(&mut core, "m", T0);
+    let w = holders_of(&core, "m");
+    let mut core = restart(&core, T0 + 1);
     send_report(&mut core, &w[0], report("m", 0, 0, 0.5), T0 + 2);
     assert_eq!(phase(&core, "m"), pb::JobPhase::Failed);
     assert!(last_reason(&core, "m").contains("routing-bias ledger"));
@@ -1134,18 +1140,7 @@ fn a_restored_moe_job_ends_when_its_first_holder_is_back_and_the_worker_is_told_
     cluster(&mut core, 1, 2, T0);
     ready_all(&mut core, "m", T0);
     let w = holders_of(&core, "m");
-    let snapshot = Snapshot {
-        jobs: core.state.jobs.values().map(|j| j.stored.clone()).collect(),
-        workers: core
-            .state
-            .workers
-            .values()
-            .map(|w| w.stored.clone())
-            .collect(),
-        assignments: core.state.assignments.values().cloned().collect(),
-        events: Default::default(),
-    };
-    let mut core = Core::restore(Config::default(), snapshot, T0 + 1);
+    let mut core = restart(&core, T0 + 1);
     assert_eq!(phase(&core, "m"), pb::JobPhase::Running);
     let actions = register(&mut core, &w[0], "n0", 0, T0 + 2);
     let msgs = sends(&actions);
