@@ -202,3 +202,33 @@ fn coordinator_bias_updates_reduce_the_imbalance_of_skewed_routing() -> anyhow::
     );
     Ok(())
 }
+
+/// Bad input to `moetrain local` fails before anything starts, with the manifest's file, line,
+/// column and field, or the path it could not read.
+#[test]
+fn local_mode_names_what_is_wrong_with_its_input() -> anyhow::Result<()> {
+    let scratch = Scratch::new()?;
+    let bad = scratch.path("bad.yaml");
+    std::fs::write(
+        &bad,
+        "apiVersion: moetrain/v1\nkind: TrainingJob\nmetadata:\n  name: bad\nspec:\n  model:\n    preset: tiny\n  parallelism:\n    pipeline: 3\n    schedule: dualpipe\n",
+    )?;
+    let bad = bad.to_str().context("utf-8")?;
+    let out = cli_with_timeout(&["local", bad], Duration::from_secs(60))?;
+    ensure!(out.code == Some(1), "exit {:?}", out.code);
+    ensure!(
+        out.stderr.contains(
+            "bad.yaml:9:5: spec.parallelism.pipeline: DualPipe needs an even pipeline degree, got 3"
+        ),
+        "{}",
+        out.stderr
+    );
+    let out = cli_with_timeout(&["local", "/nonexistent/job.yaml"], Duration::from_secs(60))?;
+    ensure!(out.code == Some(1), "exit {:?}", out.code);
+    ensure!(
+        out.stderr.contains("reading /nonexistent/job.yaml"),
+        "{}",
+        out.stderr
+    );
+    Ok(())
+}
