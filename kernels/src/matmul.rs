@@ -3,7 +3,7 @@
 //! forward or the input-gradient product.
 //!
 //! Routing: f32 on a CPU with AVX-512 runs the crate's own blocked kernel (`matmul/blocked.rs`: packed
-//! operands, an 8 × 48 register tile, L1/L2 blocking) unless an unpacked product has fewer than 16
+//! operands, a 12 × 32 register tile, L1/L2 blocking) unless an unpacked product has fewer than 16
 //! output rows; f64, those small products and CPUs without AVX-512 run the `gemm` crate (AVX-512
 //! kernels with its `x86-v4` feature, AVX2 otherwise). `benches/gemm.rs` measures the
 //! own kernel against matrixmultiply and numpy/OpenBLAS and the FMA peak in one run.
@@ -497,6 +497,8 @@ mod tests {
             (130, 581, 530),
             (3, 120, 40),
             (20, 34, 300),
+            // Two row blocks per thread of unequal panel counts, a 4-row `a` remainder, three K blocks.
+            (268, 97, 600),
         ] {
             let x = rng.vec_f32(m * k);
             let w = rng.vec_f32(n * k);
