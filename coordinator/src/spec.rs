@@ -55,6 +55,7 @@ pub fn submission(yaml: &str, origin: &str, overrides: &[String]) -> Result<Subm
         )),
         checkpoint_dir: job.spec.checkpointing.dir.clone().unwrap_or_default(),
         checkpoint_interval: job.spec.checkpointing.interval,
+        resume: None,
     };
     Ok(Submission {
         spec,

@@ -273,6 +273,7 @@ async fn bad_requests_get_statuses_that_name_the_problem() {
         manifest_yaml: "apiVersion: moetrain/v1\nkind: TrainingJob\nmetadata:\n  name: x\n  bogus: 1\nspec:\n  model:\n    preset: micro\n".into(),
         origin: "broken.yaml".into(),
         overrides: vec![],
+        resume: None,
     };
     let err = client.submit_job(broken).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);

@@ -67,6 +67,7 @@ async fn suite<S: StateStore>(store: &S) {
             job: "b".into(),
             rank: 3,
             device_index: 0,
+            next_step: 0,
         }],
         ..Default::default()
     };

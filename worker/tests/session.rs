@@ -667,6 +667,7 @@ async fn two_workers_train_a_pipeline_and_match_the_single_process_trainer() {
         step: 2,
         dir: last[0].dir.clone(),
         ranks: last,
+        ledger: None,
     };
     push_to(&server, 0, Down::CheckpointCommitted(commit.clone())).await;
     let index = std::path::Path::new(&commit.dir).join("checkpoint.json");

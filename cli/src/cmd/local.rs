@@ -309,6 +309,7 @@ async fn drive(
             manifest_yaml: plan.manifest.clone(),
             origin: plan.origin.clone(),
             overrides: plan.sets.clone(),
+            resume: None,
         })
         .await
         .map_err(|s| anyhow::anyhow!("submitting {}: {}", plan.origin, s.message()))?

@@ -56,6 +56,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             manifest_yaml: text,
             origin: origin.clone(),
             overrides: args.overrides.clone(),
+            resume: None,
         };
         let resp = cc::rpc(
             &format!("submitting {origin}"),

@@ -1047,12 +1047,14 @@ impl Core {
                 heartbeat_interval_ms: heartbeat_ms,
                 checkpoint_dir: spec.checkpoint_dir.clone(),
                 checkpoint_interval: spec.checkpoint_interval,
+                resume: None,
             };
             if let Some(w) = self.state.workers.get_mut(&r.worker_id) {
                 w.stored.held.push(pb::HeldRank {
                     job: job.to_owned(),
                     rank: r.rank,
                     device_index: r.device_index,
+                    next_step: 0,
                 });
                 w.stored.reason = format!("holds rank {} of job {job}", r.rank);
                 self.dirty_workers.insert(r.worker_id.clone());

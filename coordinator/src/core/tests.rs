@@ -554,6 +554,7 @@ fn liveness_is_a_pure_function_of_state_time_and_config() {
             job: "j".into(),
             rank: 0,
             device_index: 0,
+            next_step: 0,
         });
     state.workers.get_mut("w").unwrap().connected = false;
     let v = liveness(&state, T0 + 2500, &config);

@@ -650,6 +650,7 @@ impl Core {
                     step,
                     dir: done.dir,
                     ranks,
+                    ledger: None,
                 },
             )),
         });

@@ -303,6 +303,7 @@ pub fn submit_micro(overrides: &[&str]) -> pb::SubmitJobRequest {
         manifest_yaml: micro_manifest(),
         origin: "manifests/micro.yaml".into(),
         overrides: overrides.iter().map(|s| s.to_string()).collect(),
+        resume: None,
     }
 }
 
