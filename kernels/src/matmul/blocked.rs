@@ -284,6 +284,40 @@ unsafe fn pack_panel(
     }
 }
 
+/// Interleaves four rows of 8 values so that column `c` of the 4 × 8 block sits in the low 128-bit
+/// half of `out[c % 4]` when `c < 4` and in its high half otherwise (the first stage of both
+/// transposes below).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+#[inline]
+fn quad_columns(r: [std::arch::x86_64::__m256; 4]) -> [std::arch::x86_64::__m256; 4] {
+    use std::arch::x86_64::*;
+    let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+    let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+    let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    [
+        _mm256_shuffle_ps::<0x44>(t0, t2),
+        _mm256_shuffle_ps::<0xEE>(t0, t2),
+        _mm256_shuffle_ps::<0x44>(t1, t3),
+        _mm256_shuffle_ps::<0xEE>(t1, t3),
+    ]
+}
+
+/// Loads `N` rows of 8 values, row `i` at `src + i*ld`.
+///
+/// # Safety
+/// The rows must be inside a live allocation; the CPU supports AVX.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+#[inline]
+unsafe fn load_rows<const N: usize>(src: *const f32, ld: isize) -> [std::arch::x86_64::__m256; N] {
+    // SAFETY: the N rows of 8 values are inside the source by the caller's contract.
+    std::array::from_fn(|i| unsafe {
+        std::arch::x86_64::_mm256_loadu_ps(src.offset(i as isize * ld))
+    })
+}
+
 /// Writes the transpose of the 8 × 8 block at `src` (row `r` at `src + r*ld`, 8 contiguous values) to
 /// `dst` (row `c` at `dst + c*ldd`): `dst[c][r] = src[r][c]`.
 ///
@@ -294,38 +328,22 @@ unsafe fn pack_panel(
 #[inline]
 unsafe fn transpose8x8(src: *const f32, ld: isize, dst: *mut f32, ldd: usize) {
     use std::arch::x86_64::*;
-    // SAFETY: the 8 rows of 8 values are inside the source by the caller's contract.
-    let r: [__m256; 8] =
-        std::array::from_fn(|i| unsafe { _mm256_loadu_ps(src.offset(i as isize * ld)) });
-    let t0 = _mm256_unpacklo_ps(r[0], r[1]);
-    let t1 = _mm256_unpackhi_ps(r[0], r[1]);
-    let t2 = _mm256_unpacklo_ps(r[2], r[3]);
-    let t3 = _mm256_unpackhi_ps(r[2], r[3]);
-    let t4 = _mm256_unpacklo_ps(r[4], r[5]);
-    let t5 = _mm256_unpackhi_ps(r[4], r[5]);
-    let t6 = _mm256_unpacklo_ps(r[6], r[7]);
-    let t7 = _mm256_unpackhi_ps(r[6], r[7]);
-    let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
-    let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
-    let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
-    let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
-    let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
-    let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
-    let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
-    let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
-    let out = [
-        _mm256_permute2f128_ps::<0x20>(u0, u4),
-        _mm256_permute2f128_ps::<0x20>(u1, u5),
-        _mm256_permute2f128_ps::<0x20>(u2, u6),
-        _mm256_permute2f128_ps::<0x20>(u3, u7),
-        _mm256_permute2f128_ps::<0x31>(u0, u4),
-        _mm256_permute2f128_ps::<0x31>(u1, u5),
-        _mm256_permute2f128_ps::<0x31>(u2, u6),
-        _mm256_permute2f128_ps::<0x31>(u3, u7),
-    ];
-    for (c, v) in out.iter().enumerate() {
-        // SAFETY: row c of the destination block is inside it by the caller's contract.
-        unsafe { _mm256_storeu_ps(dst.add(c * ldd), *v) };
+    // SAFETY: forwarded from the caller's contract.
+    let r: [__m256; 8] = unsafe { load_rows(src, ld) };
+    let lo = quad_columns([r[0], r[1], r[2], r[3]]);
+    let hi = quad_columns([r[4], r[5], r[6], r[7]]);
+    for c in 0..4 {
+        // SAFETY: rows c and c + 4 of the destination block are inside it by the caller's contract.
+        unsafe {
+            _mm256_storeu_ps(
+                dst.add(c * ldd),
+                _mm256_permute2f128_ps::<0x20>(lo[c], hi[c]),
+            );
+            _mm256_storeu_ps(
+                dst.add((c + 4) * ldd),
+                _mm256_permute2f128_ps::<0x31>(lo[c], hi[c]),
+            );
+        }
     }
 }
 
@@ -339,20 +357,8 @@ unsafe fn transpose8x8(src: *const f32, ld: isize, dst: *mut f32, ldd: usize) {
 #[inline]
 unsafe fn transpose4x8(src: *const f32, ld: isize, dst: *mut f32, ldd: usize) {
     use std::arch::x86_64::*;
-    // SAFETY: the 4 rows of 8 values are inside the source by the caller's contract.
-    let r: [__m256; 4] =
-        std::array::from_fn(|i| unsafe { _mm256_loadu_ps(src.offset(i as isize * ld)) });
-    let t0 = _mm256_unpacklo_ps(r[0], r[1]);
-    let t1 = _mm256_unpackhi_ps(r[0], r[1]);
-    let t2 = _mm256_unpacklo_ps(r[2], r[3]);
-    let t3 = _mm256_unpackhi_ps(r[2], r[3]);
-    // Column c of the block sits in the low half of u[c % 4] for c < 4 and the high half for c >= 4.
-    let u = [
-        _mm256_shuffle_ps::<0x44>(t0, t2),
-        _mm256_shuffle_ps::<0xEE>(t0, t2),
-        _mm256_shuffle_ps::<0x44>(t1, t3),
-        _mm256_shuffle_ps::<0xEE>(t1, t3),
-    ];
+    // SAFETY: forwarded from the caller's contract.
+    let u = quad_columns(unsafe { load_rows::<4>(src, ld) });
     for (c, v) in u.iter().enumerate() {
         // SAFETY: rows c and c + 4 of the destination block are inside it by the caller's contract.
         unsafe {
@@ -362,9 +368,14 @@ unsafe fn transpose4x8(src: *const f32, ld: isize, dst: *mut f32, ldd: usize) {
     }
 }
 
+/// The portable transpose of an `R` × 8 block (other architectures, where nothing calls it: see
+/// [`available`]).
+///
+/// # Safety
+/// Both blocks must be inside live allocations.
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn transpose4x8(src: *const f32, ld: isize, dst: *mut f32, ldd: usize) {
-    for r in 0..4 {
+unsafe fn transpose_rows<const R: usize>(src: *const f32, ld: isize, dst: *mut f32, ldd: usize) {
+    for r in 0..R {
         for c in 0..8 {
             // SAFETY: both blocks are inside live allocations by the caller's contract.
             unsafe { *dst.add(c * ldd + r) = *src.offset(r as isize * ld + c as isize) };
@@ -373,13 +384,15 @@ unsafe fn transpose4x8(src: *const f32, ld: isize, dst: *mut f32, ldd: usize) {
 }
 
 #[cfg(not(target_arch = "x86_64"))]
+unsafe fn transpose4x8(src: *const f32, ld: isize, dst: *mut f32, ldd: usize) {
+    // SAFETY: forwarded from the caller's contract.
+    unsafe { transpose_rows::<4>(src, ld, dst, ldd) }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
 unsafe fn transpose8x8(src: *const f32, ld: isize, dst: *mut f32, ldd: usize) {
-    for r in 0..8 {
-        for c in 0..8 {
-            // SAFETY: both blocks are inside live allocations by the caller's contract.
-            unsafe { *dst.add(c * ldd + r) = *src.offset(r as isize * ld + c as isize) };
-        }
-    }
+    // SAFETY: forwarded from the caller's contract.
+    unsafe { transpose_rows::<8>(src, ld, dst, ldd) }
 }
 
 thread_local! {
