@@ -56,6 +56,8 @@ pub fn submission(yaml: &str, origin: &str, overrides: &[String]) -> Result<Subm
         checkpoint_dir: job.spec.checkpointing.dir.clone().unwrap_or_default(),
         checkpoint_interval: job.spec.checkpointing.interval,
         resume: None,
+        restart_budget: ft.restart_budget,
+        spare_workers: ft.spare_workers,
     };
     Ok(Submission {
         spec,

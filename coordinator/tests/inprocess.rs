@@ -179,6 +179,8 @@ async fn a_killed_worker_is_lost_within_the_failure_timeout_and_fails_its_job() 
         .submit_job(submit_micro(&[
             "spec.faultTolerance.failureTimeout=1s",
             "spec.faultTolerance.heartbeatInterval=100ms",
+            // This test is about failing: no automatic restart.
+            "spec.faultTolerance.restartBudget=0",
         ]))
         .await
         .expect("submit");

@@ -58,6 +58,7 @@ async fn suite<S: StateStore>(store: &S) {
         unix_ms: 1234,
         ranks: 4,
         bytes: 4096,
+        ledger: None,
     });
     store.put_job(&b).await.expect("overwrite job b");
     let w = pb::StoredWorker {

@@ -34,7 +34,7 @@
 //! regroup float additions and agree to rounding.
 
 mod checkpoint;
-pub use checkpoint::PartFile;
+pub use checkpoint::{PartFile, check_rank_part};
 
 use std::collections::BTreeMap;
 use std::ops::Range;

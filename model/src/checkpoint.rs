@@ -491,6 +491,189 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
     })
 }
 
+/// Loads one rank's part written by [`save_part`] into the caller's stage state, in place: the
+/// parameters (`params` must have exactly the part's layout: every tensor by name and shape,
+/// nothing missing and nothing extra), the routing biases of `bias`'s MoE layers, and each
+/// optimizer shard of `shards` (found by its flat range, so a part written with another
+/// parallel layout is refused by name). Verifies every file's SHA-256 against the part's
+/// `manifest.json` first. Returns the part's training state.
+pub fn load_part(
+    dir: &Path,
+    params: &mut ParamStore<f32>,
+    bias: &mut RoutingBias,
+    shards: &mut [&mut AdamW],
+) -> Result<TrainingState> {
+    let _span = tracing::info_span!("checkpoint_load_part", dir = %dir.display()).entered();
+    let manifest = verify(dir)?;
+    for required in [MODEL_FILE, OPTIMIZER_FILE, STATE_FILE] {
+        if !manifest.files.contains_key(required) {
+            return Err(invalid(
+                &dir.join(MANIFEST_FILE),
+                format!("does not list {required}"),
+            ));
+        }
+    }
+    let spath = dir.join(STATE_FILE);
+    let text = std::fs::read_to_string(&spath).map_err(io_err(&spath))?;
+    let state: TrainingState =
+        serde_json::from_str(&text).map_err(|e| invalid(&spath, e.to_string()))?;
+    if state.format != FORMAT {
+        return Err(invalid(
+            &spath,
+            format!("format {:?}, expected {FORMAT:?}", state.format),
+        ));
+    }
+
+    // Decode into copies first, so a refused part leaves the caller's state untouched.
+    let mpath = dir.join(MODEL_FILE);
+    let mut new_params = params.clone();
+    let mut new_bias = bias.clone();
+    let mut seen = vec![false; new_params.len()];
+    let mut bias_seen = 0usize;
+    for_each_tensor(&mpath, |name, dtype, shape, bytes| {
+        let values = decode_exact_f32(&mpath, name, dtype, bytes)?;
+        if let Some(layer) = RoutingBias::layer_of(name) {
+            let dst = new_bias
+                .get_mut(layer)
+                .ok_or_else(|| param_err(name, "routing bias of a layer that is not MoE"))?;
+            check_shape(name, shape, &[dst.len()])?;
+            dst.copy_from_slice(&values);
+            bias_seen += 1;
+            return Ok(());
+        }
+        let id = new_params.id(name).ok_or_else(|| {
+            param_err(
+                name,
+                "not a parameter of this rank's stage (the part was written with another parallel layout)",
+            )
+        })?;
+        check_shape(name, shape, &new_params.entry(id).shape.clone())?;
+        new_params.slice_mut(id).copy_from_slice(&values);
+        seen[id.0] = true;
+        Ok(())
+    })?;
+    if let Some(i) = seen.iter().position(|s| !s) {
+        return Err(param_err(
+            &new_params.entries()[i].name,
+            &format!("missing from {}", mpath.display()),
+        ));
+    }
+    if bias_seen != new_bias.layer_ids().len() {
+        return Err(invalid(
+            &mpath,
+            format!(
+                "has {bias_seen} routing biases, the model has {} MoE layers",
+                new_bias.layer_ids().len()
+            ),
+        ));
+    }
+
+    let opath = dir.join(OPTIMIZER_FILE);
+    let adam_steps = read_metadata(&opath)?
+        .get("adam_steps")
+        .map(|s| {
+            s.parse::<u64>()
+                .map_err(|e| invalid(&opath, format!("metadata adam_steps {s:?}: {e}")))
+        })
+        .transpose()?
+        .unwrap_or(state.step);
+    let mut moments: BTreeMap<String, MomentBuf> = BTreeMap::new();
+    let wanted: Vec<String> = shards
+        .iter()
+        .flat_map(|o| {
+            let r = o.range();
+            [EXP_AVG_SUFFIX, EXP_AVG_SQ_SUFFIX].map(|s| format!("shard.{}-{}{s}", r.start, r.end))
+        })
+        .collect();
+    for_each_tensor(&opath, |name, dtype, shape, bytes| {
+        if !wanted.iter().any(|w| w == name) {
+            return Err(param_err(
+                name,
+                &format!(
+                    "is not an optimizer shard of this rank (it holds {wanted:?}; the part was written with another parallel layout)"
+                ),
+            ));
+        }
+        let n = shape.iter().product::<usize>();
+        let buf = match dtype {
+            Dtype::BF16 => MomentBuf::Bf16(
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| bf16::from_le_bytes([c[0], c[1]]))
+                    .collect(),
+            ),
+            Dtype::F32 => MomentBuf::F32(
+                bytes
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+            ),
+            other => {
+                return Err(param_err(
+                    name,
+                    &format!("stored as {other:?}; moments are BF16 or F32"),
+                ));
+            }
+        };
+        if buf.len() != n {
+            return Err(param_err(name, "byte length does not match its shape"));
+        }
+        moments.insert(name.to_owned(), buf);
+        Ok(())
+    })?;
+    let mut restored = Vec::with_capacity(shards.len());
+    for opt in shards.iter() {
+        let r = opt.range();
+        let key = |s: &str| format!("shard.{}-{}{s}", r.start, r.end);
+        let (Some(m), Some(v)) = (
+            moments.get(&key(EXP_AVG_SUFFIX)),
+            moments.get(&key(EXP_AVG_SQ_SUFFIX)),
+        ) else {
+            return Err(invalid(
+                &opath,
+                format!("has no moments for the optimizer shard {r:?}"),
+            ));
+        };
+        for (what, buf) in [("exp_avg", m), ("exp_avg_sq", v)] {
+            if buf.len() != r.len() || buf.dtype() != opt.config.moment_dtype {
+                return Err(invalid(
+                    &opath,
+                    format!(
+                        "the {what} of shard {r:?} has {} {:?} values; this rank's optimizer keeps {} {:?}",
+                        buf.len(),
+                        buf.dtype(),
+                        r.len(),
+                        opt.config.moment_dtype
+                    ),
+                ));
+            }
+        }
+        restored.push((m.clone(), v.clone()));
+    }
+    // Everything decoded and checked: only now change the caller's state.
+    for (opt, (m, v)) in shards.iter_mut().zip(restored) {
+        let r = opt.range();
+        opt.restore(m, v, adam_steps)
+            .map_err(|why| invalid(&opath, format!("optimizer shard {r:?}: {why}")))?;
+    }
+    *params = new_params;
+    *bias = new_bias;
+    Ok(state)
+}
+
+/// The `__metadata__` map of a safetensors file (empty when it has none).
+fn read_metadata(path: &Path) -> Result<std::collections::HashMap<String, String>> {
+    let file = std::fs::File::open(path).map_err(io_err(path))?;
+    // SAFETY: read-only map of a file we opened read-only; checkpoint files are immutable once renamed in.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io_err(path))?;
+    let (_, meta) =
+        safetensors::SafeTensors::read_metadata(&map).map_err(|e| ModelError::Safetensors {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+    Ok(meta.metadata().clone().unwrap_or_default())
+}
+
 fn load_moments(
     path: &Path,
     params: &ParamStore<f32>,
@@ -1165,6 +1348,91 @@ mod tests {
             "model.layers.{l}.eh_proj.weight"
         )));
         assert!(!is_fp8_exported("model.layers.1.mlp.gate.weight"));
+    }
+
+    #[test]
+    fn a_part_loads_back_exactly_and_refuses_another_layout_or_corruption() {
+        let config = ModelConfig::preset("micro").unwrap();
+        let params = ParamStore::init(&config, 9);
+        let n = params.numel();
+        let mut bias = RoutingBias::zeros(&config);
+        for l in bias.layer_ids().to_vec() {
+            bias.get_mut(l).unwrap()[1] = 0.125 * l as f32;
+        }
+        // Two ZeRO-1 shards of one rank, each with moments after one update.
+        let mask = crate::optim::DecayMask::none();
+        let grads: Vec<f32> = (0..n).map(|i| ((i as f32) * 0.3).cos()).collect();
+        let mut trained = params.clone();
+        let mut shards = [
+            AdamW::new(AdamWConfig::default(), 0..n / 3, &mask),
+            AdamW::new(AdamWConfig::default(), n / 2..n, &mask),
+        ];
+        for opt in &mut shards {
+            let inputs = crate::optim::StepInputs {
+                lr: 1e-3,
+                grad_scale: 1.0,
+            };
+            let r = opt.range();
+            opt.update(&mut trained.flat_mut()[r.clone()], &grads[r], inputs);
+        }
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("rank-0/stage-0");
+        save_part(
+            &dir,
+            &config,
+            &trained,
+            &bias,
+            &[&shards[0], &shards[1]],
+            &state(),
+        )
+        .unwrap();
+
+        let mut p = params.clone();
+        let mut b = RoutingBias::zeros(&config);
+        let mut fresh = [
+            AdamW::new(AdamWConfig::default(), 0..n / 3, &mask),
+            AdamW::new(AdamWConfig::default(), n / 2..n, &mask),
+        ];
+        let [f0, f1] = &mut fresh;
+        let st = load_part(&dir, &mut p, &mut b, &mut [f0, f1]).unwrap();
+        assert_eq!(st, state());
+        assert!(
+            p.flat()
+                .iter()
+                .zip(trained.flat())
+                .all(|(x, y)| x.to_bits() == y.to_bits())
+        );
+        assert_eq!(b, bias);
+        for (got, want) in fresh.iter().zip(&shards) {
+            assert_eq!(got.exp_avg, want.exp_avg);
+            assert_eq!(got.exp_avg_sq, want.exp_avg_sq);
+            assert_eq!(got.steps, want.steps);
+        }
+
+        // Another sharding (another data-parallel degree) is refused by name, nothing changed.
+        let mut other = AdamW::new(AdamWConfig::default(), 0..n / 2, &mask);
+        let mut p2 = params.clone();
+        let err = load_part(&dir, &mut p2, &mut b, &mut [&mut other])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("another parallel layout"), "{err}");
+        assert!(p2.flat().iter().zip(params.flat()).all(|(x, y)| x == y));
+        assert_eq!(other.steps, 0);
+
+        // A flipped byte is caught by the checksum, naming the file.
+        let mpath = dir.join(MODEL_FILE);
+        let mut bytes = std::fs::read(&mpath).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(&mpath, &bytes).unwrap();
+        let [f0, f1] = &mut fresh;
+        let err = load_part(&dir, &mut p2, &mut b, &mut [f0, f1])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("model.safetensors") && err.contains("SHA-256"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Issue 6, acceptance 3: a worker SIGKILLed in the middle of training makes its pipeline
 //! neighbours fail their step with a reason naming the lost peer (long before any receive
 //! timeout: the data plane sees the connection drop), the job goes to Failed, and no process
-//! hangs: every surviving worker is Idle again and exits cleanly on SIGTERM.
+//! hangs: every surviving worker is Idle again and exits cleanly on SIGTERM. The job runs with
+//! `restartBudget: 0` (automatic restart is `recovery.rs`'s scenario).
 
 use anyhow::{Context as _, ensure};
 use e2e::{Cluster, Scratch, Store, phase, repo_root};
@@ -20,6 +21,8 @@ fn a_killed_peer_fails_the_step_with_a_reason_and_nothing_hangs() -> anyhow::Res
         "metadata.name=e2e-peer",
         "--set",
         "spec.training.steps=100000",
+        "--set",
+        "spec.faultTolerance.restartBudget=0",
     ])?;
     cluster.wait_job(
         "e2e-peer",

@@ -1,7 +1,8 @@
 //! Acceptance 3 of issue 2: a worker killed with SIGKILL is marked Lost within the failure
 //! timeout (2 s here, set on the coordinator and in micro.yaml), and its job's events say why
 //! (its id in WorkerLost, or its rank in a neighbour's RankFailed when the data plane noticed
-//! first); the job is Failed with that reason (recovery comes in a later issue).
+//! first); the job is Failed with that reason. The job runs with `restartBudget: 0` (automatic
+//! restart is `recovery.rs`'s scenario).
 
 use anyhow::{Context as _, ensure};
 use e2e::{Cluster, Scratch, Store, phase, repo_root};
@@ -28,6 +29,8 @@ fn sigkilled_worker_is_lost_within_the_failure_timeout_and_the_job_says_why() ->
         "metadata.name=e2e-lost",
         "--set",
         "spec.training.steps=100000",
+        "--set",
+        "spec.faultTolerance.restartBudget=0",
     ])?;
     cluster.wait_job(
         "e2e-lost",

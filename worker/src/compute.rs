@@ -5,9 +5,17 @@
 //! `StepReport`, `CheckpointWritten` and `RankFinished` messages into the daemon's outbox (an
 //! unbounded channel the session drains, so a reconnect loses nothing queued), and the daemon
 //! sends it `Control` messages (routing bias, committed checkpoints). Neither ever blocks the other.
+//! A resumed assignment (`Assignment.resume`) is checked against its checkpoint part before the
+//! worker answers READY; the thread loads the part, routes its first step with the saved ledger's
+//! bias and trains from the step after the checkpoint's.
 //!
 //! Invariants: every wait inside the thread is bounded (data-plane receives and collectives by the
-//! executor's timeouts, the bias wait by `bias_timeout`); stopping a rank sets its stop flag and
+//! executor's timeouts; the bias wait by `bias_timeout`, counted again from each change of the
+//! daemon's session — lost, registered again — so a coordinator restart shorter than
+//! `bias_timeout` does not fail the rank, and by `BIAS_WAIT_CAP × bias_timeout` in all); a bias
+//! update for a step already received must be identical to the first (the coordinator re-sends
+//! and recomputes after a resume or a restart), else the rank fails naming the difference;
+//! stopping a rank sets its stop flag and
 //! shuts its data plane down, so a thread blocked on a peer returns at once; a thread that ends
 //! (finished, failed or stopped) gives its device's data-plane listener back, re-bound on the
 //! same address, before it exits.
@@ -126,8 +134,11 @@ pub(crate) struct ComputeSettings {
     pub threads: usize,
     /// Longest wait of one data-plane receive.
     pub recv_timeout: Duration,
-    /// Longest wait for the coordinator's bias before a step.
+    /// Longest wait for the coordinator's bias before a step, counted again from each change of
+    /// `link` (see the module docs).
     pub bias_timeout: Duration,
+    /// The daemon's session state, which the bias wait follows.
+    pub link: crate::session::SessionLink,
     /// How long the data plane keeps dialing a peer that is not up yet.
     pub connect_timeout: Duration,
 }
@@ -355,6 +366,9 @@ pub(crate) fn prepare(
             ));
         }
     };
+    if let Some(r) = &a.resume {
+        check_resume(a, r, &place, kind, balanced, &moe_layers)?;
+    }
     Ok(Prepared {
         opts,
         schedule,
@@ -412,6 +426,21 @@ impl Env<'_> {
             compute.set_bias_mode(BiasMode::External);
         }
         compute.set_concurrent_pairs(overlap);
+        let first = first_step(a);
+        if let Some(r) = &a.resume {
+            let started = Instant::now();
+            compute
+                .load_rank_part(Path::new(&r.dir), a.rank, r.step + 1)
+                .map_err(|e| format!("resuming from {}: {e}", r.dir))?;
+            if balanced {
+                let update = resume_bias(a, r, &moe_layers)?;
+                install_bias(&mut compute, &update, &moe_layers).map_err(|e| {
+                    format!("resuming from {}: the saved ledger's bias: {e}", r.dir)
+                })?;
+            }
+            info!(dir = %r.dir, step = r.step, seconds = started.elapsed().as_secs_f64(),
+                "checkpoint part loaded; resuming");
+        }
         let mut early: BTreeMap<u64, pb::BiasUpdate> = BTreeMap::new();
         let plane = self.open_plane(listener, &place)?;
         compute
@@ -429,12 +458,12 @@ impl Env<'_> {
             plane_rank = plane.rank(),
             "rank ready; training"
         );
-        for step in 0..a.steps {
+        for step in first..a.steps {
             if self.stop.load(Ordering::SeqCst) {
                 return Err("stopped".into());
             }
             let waited = Instant::now();
-            if step > 0 && balanced {
+            if step > first && balanced {
                 let update = self.wait_bias(step - 1, &mut early)?;
                 install_bias(&mut compute, &update, &moe_layers)
                     .map_err(|e| format!("step {step}: the coordinator's bias: {e}"))?;
@@ -523,13 +552,21 @@ impl Env<'_> {
             .collect();
         let mut early = BTreeMap::new();
         let tokens = (opts.micro_batch_size * opts.seq_len * opts.micro_batches) as u64;
-        info!(steps = a.steps, ?costs, "simulated rank ready");
-        for step in 0..a.steps {
+        let first = first_step(a);
+        if let (Some(r), true) = (&a.resume, balanced) {
+            for l in resume_bias(a, r, moe_layers)?.layers {
+                if let Some(b) = bias.get_mut(&l.layer) {
+                    *b = l.values;
+                }
+            }
+        }
+        info!(steps = a.steps, first, ?costs, "simulated rank ready");
+        for step in first..a.steps {
             if self.stop.load(Ordering::SeqCst) {
                 return Err("stopped".into());
             }
             let waited = Instant::now();
-            if step > 0 && balanced {
+            if step > first && balanced {
                 let update = self.wait_bias(step - 1, &mut early)?;
                 for l in update.layers {
                     if let Some(b) = bias.get_mut(&l.layer) {
@@ -573,6 +610,8 @@ impl Env<'_> {
         let step_dir = Path::new(&a.checkpoint_dir)
             .join(model::checkpoint::step_dir_name(compute.steps_done()));
         let started = Instant::now();
+        crate::stale::clear_uncommitted_part(&step_dir, a.rank)
+            .map_err(|e| format!("step {step}: checkpoint: {e}"))?;
         let files = compute
             .save_rank_part(&step_dir, a.rank)
             .map_err(|e| format!("step {step}: checkpoint: {e}"))?;
@@ -599,36 +638,51 @@ impl Env<'_> {
         Ok(())
     }
 
-    /// Waits (bounded by `bias_timeout`, watching the stop flag) for the coordinator's bias
-    /// computed after step `after`; updates for later steps that arrive early are kept.
+    /// Waits for the coordinator's bias computed after step `after`, watching the stop flag;
+    /// bounded by `bias_timeout` from the latest of the wait's start and the last change of the
+    /// session, and by [`BIAS_WAIT_CAP`] `× bias_timeout` in all. `kept` holds the updates
+    /// received, by step: the last [`BIAS_KEPT`] installed ones (a re-sent update is checked
+    /// against them) and those that arrived early.
     fn wait_bias(
         &self,
         after: u64,
-        early: &mut BTreeMap<u64, pb::BiasUpdate>,
+        kept: &mut BTreeMap<u64, pb::BiasUpdate>,
     ) -> Result<pb::BiasUpdate, String> {
         let limit = self.settings.bias_timeout;
-        let deadline = Instant::now() + limit;
+        let started = Instant::now();
+        let cap = started + limit * BIAS_WAIT_CAP;
+        kept.retain(|s, _| *s + BIAS_KEPT >= after);
         loop {
-            early.retain(|s, _| *s >= after);
-            if let Some(u) = early.remove(&after) {
-                return Ok(u);
+            if let Some(u) = kept.get(&after) {
+                return Ok(u.clone());
             }
             if self.stop.load(Ordering::SeqCst) {
                 return Err("stopped".into());
             }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
+            let (up, since) = self.settings.link.state();
+            let deadline = (since.max(started) + limit).min(cap);
+            let now = Instant::now();
+            if now >= deadline {
+                let why = if up {
+                    format!("from the coordinator within {:?}", now - started)
+                } else {
+                    format!(
+                        "after {:?}: the coordinator has been unreachable for {:?} (a restart may take at most {limit:?})",
+                        now - started,
+                        now.saturating_duration_since(since)
+                    )
+                };
                 return Err(format!(
-                    "step {}: no routing bias for step {after} from the coordinator within {limit:?}",
+                    "step {}: no routing bias for step {after} {why}",
                     after + 1
                 ));
             }
             match self
                 .control
-                .recv_timeout(left.min(Duration::from_millis(100)))
+                .recv_timeout((deadline - now).min(Duration::from_millis(100)))
             {
                 Ok(Control::Bias(b)) => {
-                    early.insert(b.step, b);
+                    file_bias(kept, b).map_err(|e| format!("step {}: {e}", after + 1))?
                 }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {
@@ -681,6 +735,141 @@ impl Env<'_> {
     }
 }
 
+/// The first step a rank of `a` runs: 0, or the step after the checkpoint it resumes from.
+fn first_step(a: &pb::Assignment) -> u64 {
+    a.resume.as_ref().map_or(0, |r| r.step + 1)
+}
+
+/// Checks a resumed assignment before the worker accepts it (cheap: no tensor is read): the
+/// step is inside the job, the checkpoint holds this rank's part written with this parallel
+/// layout, and a job with MoE layers carries the ledger's bias for every layer this rank routes
+/// with. The error is the rejection reason.
+fn check_resume(
+    a: &pb::Assignment,
+    r: &pb::ResumePoint,
+    place: &Placement,
+    kind: plan::schedule::ScheduleKind,
+    balanced: bool,
+    moe_layers: &[u32],
+) -> Result<(), String> {
+    if r.step + 1 >= a.steps {
+        return Err(format!(
+            "resuming after step {} of {}: no step is left to train (steps are numbered from 0)",
+            r.step, a.steps
+        ));
+    }
+    executor::model_compute::check_rank_part(
+        Path::new(&r.dir),
+        a.rank,
+        r.step + 1,
+        place,
+        kind,
+        &a.stages,
+    )
+    .map_err(|e| format!("resuming from {}: {e}", r.dir))?;
+    if balanced {
+        resume_bias(a, r, moe_layers)?;
+    }
+    Ok(())
+}
+
+/// The bias a resumed MoE rank routes its first step with: the saved ledger's, computed after
+/// the checkpoint's step, for the layers this rank routes with.
+fn resume_bias(
+    a: &pb::Assignment,
+    r: &pb::ResumePoint,
+    moe_layers: &[u32],
+) -> Result<pb::BiasUpdate, String> {
+    let ledger = r.ledger.as_ref().ok_or_else(|| {
+        format!(
+            "resuming from {}: the job has MoE layers but the resume point carries no routing-bias ledger",
+            r.dir
+        )
+    })?;
+    if ledger.after_step != r.step {
+        return Err(format!(
+            "resuming from {} after step {}: the ledger was saved after step {}",
+            r.dir, r.step, ledger.after_step
+        ));
+    }
+    let layers: Vec<pb::LayerBias> = ledger
+        .layers
+        .iter()
+        .filter(|l| moe_layers.contains(&l.layer))
+        .cloned()
+        .collect();
+    let got: Vec<u32> = layers.iter().map(|l| l.layer).collect();
+    if got != moe_layers {
+        return Err(format!(
+            "resuming from {}: the saved ledger covers layers {got:?} of this rank's {moe_layers:?}",
+            r.dir
+        ));
+    }
+    Ok(pb::BiasUpdate {
+        job: a.job.clone(),
+        step: r.step,
+        layers,
+    })
+}
+
+/// Installed bias updates a rank keeps, by step, to check a re-sent one against.
+const BIAS_KEPT: u64 = 8;
+/// The bias wait never exceeds this many `bias_timeout`s, however often the session changes.
+const BIAS_WAIT_CAP: u32 = 4;
+
+/// Files a received bias update in `kept`: a new step's is kept; one for a step already received
+/// must be bit-identical to the first (the coordinator re-sends the latest after a resumed
+/// registration, and recomputes the same after a restart), else the error names the first
+/// difference.
+fn file_bias(kept: &mut BTreeMap<u64, pb::BiasUpdate>, b: pb::BiasUpdate) -> Result<(), String> {
+    let Some(have) = kept.get(&b.step) else {
+        kept.insert(b.step, b);
+        return Ok(());
+    };
+    match bias_difference(have, &b) {
+        None => {
+            info!(
+                step = b.step,
+                "the coordinator re-sent an identical routing bias"
+            );
+            Ok(())
+        }
+        Some(diff) => Err(format!(
+            "the coordinator sent the routing bias after step {} again, and it differs from the one received first: {diff}",
+            b.step
+        )),
+    }
+}
+
+/// The first difference between two bias updates of one step (layer ids, then values by their
+/// bits), or `None` when they are identical.
+fn bias_difference(a: &pb::BiasUpdate, b: &pb::BiasUpdate) -> Option<String> {
+    let ids = |u: &pb::BiasUpdate| u.layers.iter().map(|l| l.layer).collect::<Vec<u32>>();
+    if ids(a) != ids(b) {
+        return Some(format!("layers {:?}, first {:?}", ids(b), ids(a)));
+    }
+    for (x, y) in a.layers.iter().zip(&b.layers) {
+        if x.values.len() != y.values.len() {
+            return Some(format!(
+                "layer {}: {} values, first {}",
+                x.layer,
+                y.values.len(),
+                x.values.len()
+            ));
+        }
+        if let Some((e, (p, q))) = x
+            .values
+            .iter()
+            .zip(&y.values)
+            .enumerate()
+            .find(|(_, (p, q))| p.to_bits() != q.to_bits())
+        {
+            return Some(format!("layer {} expert {e}: {q}, first {p}", x.layer));
+        }
+    }
+    None
+}
+
 /// Whether a checkpoint is written after `step` (numbered from 0): every `checkpoint_interval`
 /// steps and after the last one, when the job has a checkpoint directory.
 fn checkpoint_due(a: &pb::Assignment, step: u64) -> bool {
@@ -706,13 +895,25 @@ pub(crate) fn write_index(c: &pb::CheckpointCommitted) -> std::io::Result<()> {
             })
         })
         .collect();
-    let doc = serde_json::json!({
+    let mut doc = serde_json::json!({
         "format": "moetrain-distributed-checkpoint-v1",
         "job": c.job,
         "step": c.step,
         "steps_done": c.step + 1,
+        "world_size": c.ranks.len(),
         "ranks": ranks,
     });
+    // The coordinator's routing-bias ledger after the step: with it the checkpoint holds
+    // everything a resumed job needs (`moetrain submit/local --resume`).
+    if let Some(l) = &c.ledger {
+        doc["ledger"] = serde_json::json!({
+            "after_step": l.after_step,
+            "tokens_seen": l.tokens_seen,
+            "layers": l.layers.iter().map(|b| serde_json::json!({
+                "layer": b.layer, "values": b.values,
+            })).collect::<Vec<_>>(),
+        });
+    }
     let dir = Path::new(&c.dir);
     let tmp = dir.join(".checkpoint.json.tmp");
     let text = serde_json::to_string_pretty(&doc).map_err(std::io::Error::other)?;

@@ -24,6 +24,7 @@ pub mod job;
 pub mod ranks;
 pub mod retry;
 mod session;
+mod stale;
 
 pub use config::{Device, WorkerConfig};
 pub use error::Error;
@@ -168,6 +169,7 @@ async fn reconnect_loop(
         recv_timeout: config.recv_timeout,
         bias_timeout: config.recv_timeout,
         connect_timeout: config.recv_timeout,
+        link: Default::default(),
     };
     let mut daemon = Daemon {
         config,
@@ -179,6 +181,7 @@ async fn reconnect_loop(
         runs: Default::default(),
         outbox_tx,
         outbox_rx,
+        replay: Default::default(),
     };
     let res = sessions(&mut daemon, retry, &shutdown).await;
     // Whatever ended the loop, no compute thread outlives the daemon.

@@ -4,7 +4,7 @@
 //! self-consistent (rank inside the world, world = pipeline × data, one peer per rank in rank
 //! order, at least one stage) and names one of this worker's devices; re-sending the same
 //! (job, rank) — as the coordinator does after every reconnect — replaces it and is acknowledged
-//! again, so assignments are idempotent. The set survives reconnects: it belongs to the daemon,
+//! again (the daemon never restarts a held rank's compute for it), so assignments are idempotent. The set survives reconnects: it belongs to the daemon,
 //! not to one session.
 
 use crate::config::Device;
@@ -71,6 +71,11 @@ impl HeldRanks {
     /// Drops every rank; returns what was held.
     pub fn clear(&mut self) -> Vec<(String, u32)> {
         std::mem::take(&mut self.by_key).into_keys().collect()
+    }
+
+    /// Whether rank `rank` of `job` is held.
+    pub fn holds(&self, job: &str, rank: u32) -> bool {
+        self.by_key.contains_key(&(job.to_owned(), rank))
     }
 
     /// Whether any rank of `job` is held.

@@ -7,6 +7,14 @@
 //! resumes them; on shutdown the worker tells the coordinator which ranks it gives up
 //! (`RankFinished`, ok = false) before closing the stream. A registration the coordinator does not
 //! resume (it lost its state) voids the held ranks.
+//!
+//! Restart survival: a step report, checkpoint part or `RankFinished` the coordinator may not have
+//! recorded yet is kept (at most [`REPORTS_KEPT`] reports per rank, dropped [`PRUNE_LAG`] steps
+//! behind the coordinator's latest bias or its `next_step`; the last [`PARTS_KEPT`] checkpoint
+//! parts), and after a resumed registration the kept reports of every held rank from its
+//! `HeldRank.next_step` on are re-sent in step order, then the kept checkpoint parts and
+//! `RankFinished` messages; the coordinator ignores what it already has. A re-sent
+//! assignment of a rank already held is acknowledged again and never restarts its compute.
 
 use crate::compute::{self, ComputeSettings, Control, Listeners, RankRun};
 use crate::ranks::{Accepted, HeldRanks};
@@ -14,7 +22,8 @@ use crate::{Error, WorkerConfig};
 use proto::pb;
 use proto::pb::coordinator_message::Msg as Down;
 use proto::pb::worker_session_client::WorkerSessionClient;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior, timeout};
@@ -25,6 +34,143 @@ use tracing::{Instrument as _, debug, info, info_span, warn};
 
 /// Outgoing messages that may queue before sends wait (heartbeats, acks, reports).
 const OUTBOX: usize = 256;
+/// Step reports kept per rank for re-sending; beyond this the oldest is dropped (with a warning).
+pub(crate) const REPORTS_KEPT: usize = 256;
+/// A kept report is dropped once the coordinator's latest bias, or its `next_step`, is this many
+/// steps past it: the coordinator writes each finished step's record right away, so its store
+/// cannot be that far behind what it sent.
+pub(crate) const PRUNE_LAG: u64 = 8;
+/// Checkpoint parts kept per rank for re-sending (a restarted coordinator lost its partial sets).
+pub(crate) const PARTS_KEPT: usize = 2;
+
+/// Whether the daemon has a registered session, and since when it has (or has not): the compute
+/// threads' bias wait follows it, so that a coordinator that is away for a restart does not time
+/// a waiting rank out (see `compute`).
+#[derive(Clone, Debug)]
+pub(crate) struct SessionLink {
+    inner: Arc<Mutex<(bool, std::time::Instant)>>,
+}
+
+impl Default for SessionLink {
+    fn default() -> Self {
+        Self {
+            inner: Arc::new(Mutex::new((false, std::time::Instant::now()))),
+        }
+    }
+}
+
+impl SessionLink {
+    /// Records that a session is registered (`true`) or gone (`false`); the time only moves
+    /// when the state changes.
+    pub(crate) fn set(&self, up: bool) {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if g.0 != up {
+            *g = (up, std::time::Instant::now());
+        }
+    }
+
+    /// Whether a session is registered, and since when that is so.
+    pub(crate) fn state(&self) -> (bool, std::time::Instant) {
+        *self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// What a restarted coordinator may have lost and a resumed registration re-sends (see the
+/// module docs), by (job, rank).
+#[derive(Debug, Default)]
+pub(crate) struct Replay {
+    reports: BTreeMap<(String, u32), VecDeque<pb::StepReport>>,
+    parts: BTreeMap<(String, u32), VecDeque<pb::CheckpointWritten>>,
+    finished: BTreeMap<(String, u32), pb::RankFinished>,
+    /// Ranks already warned about dropping a report.
+    overflowed: std::collections::BTreeSet<(String, u32)>,
+}
+
+impl Replay {
+    /// Keeps a copy of a message going to the coordinator if it is one to re-send.
+    pub(crate) fn record(&mut self, m: &pb::WorkerMessage) {
+        match &m.msg {
+            Some(pb::worker_message::Msg::StepReport(r)) => {
+                let key = (r.job.clone(), r.rank);
+                let kept = self.reports.entry(key.clone()).or_default();
+                kept.push_back(r.clone());
+                if kept.len() > REPORTS_KEPT {
+                    kept.pop_front();
+                    if self.overflowed.insert(key) {
+                        warn!(job = %r.job, rank = r.rank, kept = REPORTS_KEPT,
+                            "more step reports unconfirmed than kept; dropping the oldest (a coordinator restart now could not recover them)");
+                    }
+                }
+            }
+            Some(pb::worker_message::Msg::CheckpointWritten(c)) => {
+                let kept = self.parts.entry((c.job.clone(), c.rank)).or_default();
+                kept.push_back(c.clone());
+                if kept.len() > PARTS_KEPT {
+                    kept.pop_front();
+                }
+            }
+            Some(pb::worker_message::Msg::RankFinished(f)) => {
+                self.finished.insert((f.job.clone(), f.rank), f.clone());
+            }
+            _ => {}
+        }
+    }
+
+    /// The coordinator sent `job`'s bias after `step`: reports [`PRUNE_LAG`] steps older go.
+    pub(crate) fn bias_sent(&mut self, job: &str, step: u64) {
+        for ((_, _), kept) in self.reports.iter_mut().filter(|((j, _), _)| j == job) {
+            while kept.front().is_some_and(|r| r.step + PRUNE_LAG <= step) {
+                kept.pop_front();
+            }
+        }
+    }
+
+    /// Forgets everything of `job` (it ended).
+    pub(crate) fn forget_job(&mut self, job: &str) {
+        self.reports.retain(|(j, _), _| j != job);
+        self.parts.retain(|(j, _), _| j != job);
+        self.finished.retain(|(j, _), _| j != job);
+        self.overflowed.retain(|(j, _)| j != job);
+    }
+
+    /// Forgets everything (the coordinator does not know this worker any more).
+    pub(crate) fn clear(&mut self) {
+        *self = Self::default();
+    }
+
+    /// After a resumed registration listing `held`: forgets the ranks not held, and returns what
+    /// to re-send: every held rank's kept reports from its `next_step` on, by step (then rank),
+    /// then its kept checkpoint parts, then the `RankFinished` of held ranks that ended.
+    pub(crate) fn resume(&mut self, held: &[pb::HeldRank]) -> Vec<pb::WorkerMessage> {
+        let next: BTreeMap<(String, u32), u64> = held
+            .iter()
+            .map(|h| ((h.job.clone(), h.rank), h.next_step))
+            .collect();
+        self.reports.retain(|k, _| next.contains_key(k));
+        self.parts.retain(|k, _| next.contains_key(k));
+        self.finished.retain(|k, _| next.contains_key(k));
+        self.overflowed.retain(|k| next.contains_key(k));
+        let mut again: Vec<&pb::StepReport> = Vec::new();
+        for (key, kept) in &mut self.reports {
+            let from = next.get(key).copied().unwrap_or(0);
+            while kept.front().is_some_and(|r| r.step + PRUNE_LAG <= from) {
+                kept.pop_front();
+            }
+            again.extend(kept.iter().filter(|r| r.step >= from));
+        }
+        again.sort_by_key(|r| (r.step, r.rank));
+        let reports = again.into_iter().map(|r| pb::WorkerMessage {
+            msg: Some(pb::worker_message::Msg::StepReport(r.clone())),
+        });
+        let parts = self.parts.values().flatten().map(|c| pb::WorkerMessage {
+            msg: Some(pb::worker_message::Msg::CheckpointWritten(c.clone())),
+        });
+        let finished = self.finished.values().map(|f| pb::WorkerMessage {
+            msg: Some(pb::worker_message::Msg::RankFinished(f.clone())),
+        });
+        reports.chain(parts).chain(finished).collect()
+    }
+}
 
 /// How one session ended without error.
 #[derive(Debug, PartialEq, Eq)]
@@ -55,6 +201,8 @@ pub(crate) struct Daemon {
     pub outbox_tx: mpsc::UnboundedSender<pb::WorkerMessage>,
     /// The receiving end of `outbox_tx`.
     pub outbox_rx: mpsc::UnboundedReceiver<pb::WorkerMessage>,
+    /// Reports and rank ends kept for re-sending after a resumed registration.
+    pub replay: Replay,
 }
 
 impl Daemon {
@@ -66,7 +214,9 @@ impl Daemon {
             r = self.open() => r?,
             () = shutdown.cancelled() => return Ok(Ended::Shutdown),
         };
-        self.serve(shutdown, tx, inbound, registered).await
+        let ended = self.serve(shutdown, tx, inbound, registered).await;
+        self.compute.link.set(false);
+        ended
     }
 
     /// Connects, opens the stream, sends `Register` and waits for `Registered`.
@@ -156,6 +306,7 @@ impl Daemon {
             // A coordinator that does not know this worker (in-memory store restarted) does not
             // know its ranks either: they are void, and keeping them would block the devices.
             let dropped = self.ranks.clear();
+            self.replay.clear();
             self.stop_runs(|_| true);
             warn!(
                 ?dropped,
@@ -206,6 +357,21 @@ impl Daemon {
         );
 
         let send_limit = interval.max(cfg.rpc_timeout);
+        self.compute.link.set(true);
+        if registered.resumed {
+            // What the coordinator may have lost (it may have restarted) goes out first, so each
+            // rank's reports reach it in step order.
+            let again = self.replay.resume(&registered.held);
+            if !again.is_empty() {
+                info!(
+                    messages = again.len(),
+                    "re-sending step reports and rank ends the coordinator may not have recorded"
+                );
+            }
+            for m in again {
+                send(&tx, m, send_limit).await?;
+            }
+        }
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut seq = 0u64;
@@ -219,6 +385,7 @@ impl Daemon {
                     return Ok(Ended::Shutdown);
                 }
                 Some(out) = self.outbox_rx.recv() => {
+                    self.replay.record(&out);
                     send(&tx, out, send_limit).await?;
                 }
                 _ = ticker.tick() => {
@@ -248,6 +415,7 @@ impl Daemon {
                         Some(Down::Command(c)) => self.on_command(c),
                         Some(Down::BiasUpdate(b)) => {
                             debug!(job = %b.job, step = b.step, layers = b.layers.len(), "bias update received");
+                            self.replay.bias_sent(&b.job, b.step);
                             for ((job, _), run) in &self.runs {
                                 if *job == b.job {
                                     run.control(Control::Bias(b.clone()));
@@ -266,7 +434,8 @@ impl Daemon {
     }
 
     /// Validates and keeps an assignment, starts its compute thread, then answers READY or
-    /// REJECTED. A re-sent assignment (after a reconnect) keeps the thread already running.
+    /// REJECTED. A re-sent assignment (after a reconnect) of a rank still held keeps the thread
+    /// already running, or ended: a rank never trains twice.
     async fn on_assignment(
         &mut self,
         a: pb::Assignment,
@@ -299,7 +468,7 @@ impl Daemon {
     /// Holds the rank and starts its compute thread (only for a new assignment).
     fn accept(&mut self, a: pb::Assignment) -> Result<Accepted, String> {
         let key = (a.job.clone(), a.rank);
-        if self.runs.contains_key(&key) {
+        if self.runs.contains_key(&key) || self.ranks.holds(&key.0, key.1) {
             return self.ranks.accept(a, &self.config.devices);
         }
         let device = self
@@ -391,6 +560,7 @@ impl Daemon {
         match kind {
             pb::CommandKind::Cancel | pb::CommandKind::Stop => {
                 let ranks = self.ranks.stop_job(&c.job);
+                self.replay.forget_job(&c.job);
                 self.stop_runs(|(job, _)| *job == c.job);
                 info!(job = %c.job, ?kind, reason = %c.reason, ?ranks, "stopped the job's ranks");
             }
@@ -456,5 +626,83 @@ async fn send(
             what: "queueing a message to the coordinator",
             after: limit,
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(job: &str, rank: u32, step: u64) -> pb::WorkerMessage {
+        pb::WorkerMessage {
+            msg: Some(pb::worker_message::Msg::StepReport(pb::StepReport {
+                job: job.into(),
+                rank,
+                step,
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn held(job: &str, rank: u32, next_step: u64) -> pb::HeldRank {
+        pb::HeldRank {
+            job: job.into(),
+            rank,
+            device_index: rank,
+            next_step,
+        }
+    }
+
+    /// (job, rank, step) of the re-sent step reports.
+    fn steps(msgs: &[pb::WorkerMessage]) -> Vec<(String, u32, u64)> {
+        msgs.iter()
+            .filter_map(|m| match &m.msg {
+                Some(pb::worker_message::Msg::StepReport(r)) => {
+                    Some((r.job.clone(), r.rank, r.step))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn replay_keeps_a_bounded_window_and_re_sends_from_next_step_in_step_order() {
+        let mut r = Replay::default();
+        for step in 0..REPORTS_KEPT as u64 + 10 {
+            r.record(&report("a", 1, step));
+            r.record(&report("a", 0, step));
+        }
+        r.record(&report("b", 0, 3));
+        // The cap dropped the 10 oldest of each rank; a resume from step 5 re-sends what is kept.
+        let again = steps(&r.resume(&[held("a", 0, 5), held("a", 1, 5)]));
+        assert_eq!(again.len(), 2 * REPORTS_KEPT);
+        assert_eq!(again[..2], [("a".into(), 0, 10), ("a".into(), 1, 10)]);
+        assert!(
+            again
+                .windows(2)
+                .all(|w| (w[0].2, w[0].1) < (w[1].2, w[1].1))
+        );
+        // Job b is not held any more: forgotten.
+        assert!(r.reports.keys().all(|(j, _)| j == "a"));
+        // The coordinator's bias after step 100 drops reports PRUNE_LAG steps older.
+        r.bias_sent("a", 100);
+        let again = steps(&r.resume(&[held("a", 0, 0)]));
+        assert_eq!(again.first().map(|s| s.2), Some(100 - PRUNE_LAG + 1));
+        // A rank's end and its last checkpoint parts come after its reports.
+        r.record(&pb::WorkerMessage {
+            msg: Some(pb::worker_message::Msg::RankFinished(pb::RankFinished {
+                job: "a".into(),
+                rank: 0,
+                ok: true,
+                reason: String::new(),
+            })),
+        });
+        let again = r.resume(&[held("a", 0, 260)]);
+        assert!(matches!(
+            again.last().and_then(|m| m.msg.as_ref()),
+            Some(pb::worker_message::Msg::RankFinished(_))
+        ));
+        r.forget_job("a");
+        assert!(r.resume(&[held("a", 0, 0)]).is_empty());
     }
 }

@@ -1,7 +1,7 @@
 //! The worker daemon against a fake coordinator (an in-process `WorkerSession` server on port 0
 //! driven by channels, as linkerd's fake control plane): register, heartbeat, READY/REJECTED
-//! acks, cancel, shutdown reporting, and reconnect-with-resume after the coordinator restarts on
-//! the same address.
+//! acks, cancel, shutdown reporting, reconnect-with-resume after the coordinator restarts on the
+//! same address, and training that survives such a restart (re-sent reports, repeated biases).
 //!
 //! Invariant: every wait has a deadline (`next_event`), so a broken worker fails a test instead
 //! of hanging it.
@@ -35,6 +35,8 @@ struct Durable {
     known: HashSet<String>,
     /// Heartbeats received, all sessions together.
     heartbeats: u64,
+    /// The ranks a resumed registration lists as held (the fake keeps none unless told).
+    held: Vec<pb::HeldRank>,
 }
 
 /// The downstream half of one fake session.
@@ -46,7 +48,7 @@ struct Fake {
     seen: mpsc::UnboundedSender<Seen>,
     /// Downstream senders of open sessions; the test pushes assignments through them; cleared
     /// (dropped) by `stop`, which ends the streams.
-    sessions: Arc<Mutex<Vec<Downstream>>>,
+    sessions: Arc<Mutex<Vec<(String, Downstream)>>>,
     durable: Arc<Mutex<Durable>>,
 }
 
@@ -68,20 +70,19 @@ impl pb::worker_session_server::WorkerSession for Fake {
             else {
                 return;
             };
-            let resumed = !me
-                .durable
-                .lock()
-                .unwrap()
-                .known
-                .insert(reg.worker_id.clone());
+            let (resumed, held) = {
+                let mut d = me.durable.lock().unwrap();
+                let resumed = !d.known.insert(reg.worker_id.clone());
+                (resumed, if resumed { d.held.clone() } else { Vec::new() })
+            };
             let reply = pb::Registered {
                 worker_id: reg.worker_id.clone(),
                 resumed,
                 heartbeat_interval_ms: 50,
                 failure_timeout_ms: 3000,
-                // The fake keeps no assignments: a resumed worker stops its ranks and the test
-                // re-sends them.
-                held: Vec::new(),
+                // Unless the test says otherwise the fake keeps no assignments: a resumed worker
+                // stops its ranks and the test re-sends them.
+                held,
             };
             let msg = pb::CoordinatorMessage {
                 msg: Some(Down::Registered(reply)),
@@ -89,7 +90,10 @@ impl pb::worker_session_server::WorkerSession for Fake {
             if tx.send(Ok(msg)).await.is_err() {
                 return;
             }
-            me.sessions.lock().unwrap().push(tx.clone());
+            me.sessions
+                .lock()
+                .unwrap()
+                .push((reg.worker_id.clone(), tx.clone()));
             let _ = me.seen.send(Seen::Registered(reg, resumed));
             while let Ok(Some(m)) = inbound.message().await {
                 match m.msg {
@@ -151,7 +155,14 @@ impl Server {
 
     /// Pushes a message to every open session.
     async fn push(&self, msg: Down) {
-        let senders = self.fake.sessions.lock().unwrap().clone();
+        let senders: Vec<Downstream> = self
+            .fake
+            .sessions
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, s)| s.clone())
+            .collect();
         assert!(!senders.is_empty(), "no open session to push to");
         for s in senders {
             let _ = s
@@ -166,7 +177,7 @@ impl Server {
     /// server to finish.
     async fn stop(mut self) {
         let senders: Vec<_> = self.fake.sessions.lock().unwrap().drain(..).collect();
-        for s in senders {
+        for (_, s) in senders {
             let _ = s
                 .send(Err(Status::unavailable("coordinator going away")))
                 .await;
@@ -517,9 +528,25 @@ async fn forgets_its_ranks_when_the_coordinator_forgot_it() {
     server.stop().await;
 }
 
+/// Pushes `msg` to the session of worker `id` only.
+async fn push_to_worker(server: &Server, id: &str, msg: Down) {
+    let s = server
+        .fake
+        .sessions
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(w, _)| w == id)
+        .map(|(_, s)| s.clone())
+        .expect("an open session of the worker");
+    s.send(Ok(pb::CoordinatorMessage { msg: Some(msg) }))
+        .await
+        .unwrap();
+}
+
 /// Pushes `msg` to the session of the `i`-th registered worker only.
 async fn push_to(server: &Server, i: usize, msg: Down) {
-    let s = server.fake.sessions.lock().unwrap()[i].clone();
+    let s = server.fake.sessions.lock().unwrap()[i].1.clone();
     s.send(Ok(pb::CoordinatorMessage { msg: Some(msg) }))
         .await
         .unwrap();
@@ -707,5 +734,359 @@ async fn two_workers_train_a_pipeline_and_match_the_single_process_trainer() {
             .unwrap()
             .unwrap();
     }
+    server.stop().await;
+}
+
+/// Both ranks' reports of one step, as the fake coordinator's ledger sums them: the bias after
+/// the step (sign rule on the summed counts, γ 1e-3 as micro.yaml's default speed is irrelevant
+/// here: the worker only has to install what it is sent).
+fn bias_after(
+    bias: &mut std::collections::BTreeMap<u32, Vec<f32>>,
+    reports: &[&pb::StepReport],
+) -> pb::BiasUpdate {
+    let mut loads: std::collections::BTreeMap<u32, Vec<u64>> = Default::default();
+    for r in reports {
+        for c in &r.expert_counts {
+            let e = loads
+                .entry(c.layer)
+                .or_insert_with(|| vec![0; c.counts.len()]);
+            for (a, b) in e.iter_mut().zip(&c.counts) {
+                *a += b;
+            }
+        }
+    }
+    for (l, load) in &loads {
+        let b = bias.entry(*l).or_insert_with(|| vec![0.0; load.len()]);
+        routing::apply_sign_rule(b, load, 1e-3, routing::UpdateVariant::Sign);
+    }
+    pb::BiasUpdate {
+        job: "train".into(),
+        step: reports[0].step,
+        layers: bias
+            .iter()
+            .map(|(l, v)| pb::LayerBias {
+                layer: *l,
+                values: v.clone(),
+            })
+            .collect(),
+    }
+}
+
+/// Two workers (devices 0 and 1) holding ranks 0 and 1 of a micro job of `steps` steps (with a
+/// checkpoint every 2 steps into `ckpt`, if given); returns their stop handles, tasks and
+/// data-plane addresses.
+#[allow(clippy::type_complexity)]
+async fn two_ranks(
+    server: &Server,
+    seen: &mut mpsc::UnboundedReceiver<Seen>,
+    steps: u64,
+    recv_timeout: Duration,
+    ckpt: Option<&std::path::Path>,
+) -> (
+    Vec<oneshot::Sender<()>>,
+    Vec<tokio::task::JoinHandle<Result<(), worker::Error>>>,
+    Vec<String>,
+) {
+    let mut stops = Vec::new();
+    let mut workers = Vec::new();
+    let mut addrs = Vec::new();
+    for device in 0..2 {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let mut c = config(server.addr, device);
+        c.recv_timeout = recv_timeout;
+        stops.push(stop);
+        workers.push(tokio::spawn(worker::run(c, async {
+            let _ = stopped.await;
+        })));
+        let Seen::Registered(reg, _) = next_event(seen).await else {
+            panic!("expected Register")
+        };
+        addrs.push(reg.devices[0].data_plane_addr.clone());
+    }
+    let peers = [addrs[0].as_str(), addrs[1].as_str()];
+    for rank in 0..2u32 {
+        let mut a = assignment_with("train", rank, rank, peers, steps);
+        if let Some(dir) = ckpt {
+            a.checkpoint_dir = dir.display().to_string();
+            a.checkpoint_interval = 2;
+        }
+        push_to(server, rank as usize, Down::Assignment(a)).await;
+    }
+    (stops, workers, addrs)
+}
+
+async fn stop_workers(
+    stops: Vec<oneshot::Sender<()>>,
+    workers: Vec<tokio::task::JoinHandle<Result<(), worker::Error>>>,
+) {
+    for s in stops {
+        let _ = s.send(());
+    }
+    for w in workers {
+        tokio::time::timeout(Duration::from_secs(10), w)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn training_survives_a_coordinator_restart_with_re_sent_reports_and_repeated_biases() {
+    const STEPS: u64 = 4;
+    // The bias wait's limit: the ranks wait longer than this for the bias after step 2, but the
+    // clock starts again when the session is lost and when it is registered again.
+    const BIAS_TIMEOUT: Duration = Duration::from_secs(2);
+    let (fake, mut seen) = fake();
+    let server = Server::start(fake.clone(), "127.0.0.1:0".parse().unwrap()).await;
+    let addr = server.addr;
+    let ckpt = std::env::temp_dir().join(format!("moetrain-worker-restart-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&ckpt);
+    let (stops, workers, addrs) =
+        two_ranks(&server, &mut seen, STEPS, BIAS_TIMEOUT, Some(&ckpt)).await;
+    let peers = [addrs[0].as_str(), addrs[1].as_str()];
+    let mut bias = Default::default();
+    let mut reports: Vec<Vec<pb::StepReport>> = vec![Vec::new(), Vec::new()];
+    // Checkpoint parts (after steps 1 and 3), by rank.
+    let mut parts: Vec<Vec<pb::CheckpointWritten>> = vec![Vec::new(), Vec::new()];
+    let mut acks = 0;
+    // Steps 0 and 1 with a live coordinator; the bias after step 0 is sent twice, identical.
+    while reports.iter().any(|r| r.len() < 3) {
+        match next_event(&mut seen).await {
+            Seen::Up(Up::Ack(a)) => {
+                assert_eq!(a.status, pb::AckStatus::Ready as i32, "{}", a.reason);
+                acks += 1;
+            }
+            Seen::Up(Up::StepReport(r)) => {
+                let step = r.step;
+                reports[r.rank as usize].push(r);
+                if reports.iter().all(|v| v.len() as u64 == step + 1) && step < 2 {
+                    let both: Vec<&pb::StepReport> =
+                        reports.iter().map(|v| &v[step as usize]).collect();
+                    let update = bias_after(&mut bias, &both);
+                    server.push(Down::BiasUpdate(update.clone())).await;
+                    if step == 0 {
+                        server.push(Down::BiasUpdate(update)).await;
+                    }
+                }
+            }
+            Seen::Up(Up::CheckpointWritten(c)) => parts[c.rank as usize].push(c),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(acks, 2);
+    // Both ranks reported step 2 and wait for its bias. The coordinator holds it, dies, and comes
+    // back from its store knowing that only step 0 is finished (next step 1).
+    let sent_2 = std::time::Instant::now();
+    tokio::time::sleep(BIAS_TIMEOUT * 7 / 10).await;
+    fake.durable.lock().unwrap().held = (0..2)
+        .map(|rank| pb::HeldRank {
+            job: "train".into(),
+            rank,
+            device_index: rank,
+            next_step: 1,
+        })
+        .collect();
+    server.stop().await;
+    for _ in 0..2 {
+        assert!(matches!(next_event(&mut seen).await, Seen::Closed));
+    }
+    tokio::time::sleep(BIAS_TIMEOUT * 7 / 10).await;
+    let server = Server::start(fake.clone(), addr).await;
+    // Each worker resumes and re-sends its rank's reports from step 1, in step order, exactly
+    // as first sent, then its checkpoint part (the restarted coordinator lost partial sets).
+    assert!(parts.iter().all(|p| p.len() == 1 && p[0].step == 1));
+    let mut again: Vec<Vec<pb::StepReport>> = vec![Vec::new(), Vec::new()];
+    let mut parts_again: Vec<Vec<pb::CheckpointWritten>> = vec![Vec::new(), Vec::new()];
+    let mut resumed = 0;
+    while resumed < 2 || again.iter().any(|v| v.len() < 2) || parts_again.iter().any(Vec::is_empty)
+    {
+        match next_event(&mut seen).await {
+            Seen::Registered(_, r) => {
+                assert!(r, "the restarted fake knows both workers");
+                resumed += 1;
+            }
+            Seen::Up(Up::StepReport(r)) => {
+                let rank = r.rank as usize;
+                assert!(parts_again[rank].is_empty(), "reports go first");
+                again[rank].push(r);
+            }
+            Seen::Up(Up::CheckpointWritten(c)) => parts_again[c.rank as usize].push(c),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(parts_again, parts, "the re-sent checkpoint parts");
+    for rank in 0..2 {
+        assert_eq!(
+            again[rank],
+            reports[rank][1..],
+            "rank {rank}'s re-sent reports"
+        );
+    }
+    // The coordinator re-sends the assignments: acknowledged, and nothing restarts (no report
+    // of step 0 comes again). Then it re-sends the bias after step 1 (identical) and, having
+    // recomputed step 2 from the re-sent reports, the bias after step 2.
+    for rank in 0..2u32 {
+        let a = assignment_with("train", rank, rank, peers, STEPS);
+        push_to_worker(&server, &format!("node0/{rank}"), Down::Assignment(a)).await;
+    }
+    let both: Vec<&pb::StepReport> = again.iter().map(|v| &v[1]).collect();
+    let mut replay_bias = Default::default();
+    let first: Vec<&pb::StepReport> = reports.iter().map(|v| &v[0]).collect();
+    bias_after(&mut replay_bias, &first);
+    let after_1 = bias_after(
+        &mut replay_bias,
+        &reports.iter().map(|v| &v[1]).collect::<Vec<_>>(),
+    );
+    server.push(Down::BiasUpdate(after_1)).await;
+    assert!(
+        sent_2.elapsed() > BIAS_TIMEOUT,
+        "the ranks waited longer than the bias timeout"
+    );
+    server
+        .push(Down::BiasUpdate(bias_after(&mut bias, &both)))
+        .await;
+    let mut finished = 0;
+    while finished < 2 {
+        match next_event(&mut seen).await {
+            Seen::Up(Up::Ack(a)) => {
+                assert_eq!(a.status, pb::AckStatus::Ready as i32, "{}", a.reason)
+            }
+            Seen::Up(Up::StepReport(r)) => {
+                assert_eq!(r.step, 3, "only the last step is new");
+                reports[r.rank as usize].push(r);
+            }
+            Seen::Up(Up::CheckpointWritten(c)) => parts[c.rank as usize].push(c),
+            Seen::Up(Up::RankFinished(f)) => {
+                assert!(f.ok, "rank {} failed: {}", f.rank, f.reason);
+                finished += 1;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(reports.iter().all(|r| r.len() == STEPS as usize));
+
+    assert!(parts.iter().all(|p| p.len() == 2 && p[1].step == 3));
+    // Another restart before the coordinator recorded the ends: the last checkpoint parts and
+    // the ends are re-sent, and the re-sent assignments of the finished ranks are acknowledged
+    // without training them again.
+    fake.durable.lock().unwrap().held = (0..2)
+        .map(|rank| pb::HeldRank {
+            job: "train".into(),
+            rank,
+            device_index: rank,
+            next_step: STEPS,
+        })
+        .collect();
+    server.stop().await;
+    for _ in 0..2 {
+        assert!(matches!(next_event(&mut seen).await, Seen::Closed));
+    }
+    let server = Server::start(fake, addr).await;
+    let (mut resumed, mut ends) = (0, 0);
+    let mut parts_again: Vec<Vec<pb::CheckpointWritten>> = vec![Vec::new(), Vec::new()];
+    while resumed < 2 || ends < 2 {
+        match next_event(&mut seen).await {
+            Seen::Registered(_, r) => {
+                assert!(r);
+                resumed += 1;
+            }
+            Seen::Up(Up::CheckpointWritten(c)) => parts_again[c.rank as usize].push(c),
+            Seen::Up(Up::RankFinished(f)) => {
+                assert!(f.ok, "{}", f.reason);
+                ends += 1;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(parts_again, parts, "the last checkpoint parts, re-sent");
+    let _ = std::fs::remove_dir_all(&ckpt);
+    for rank in 0..2u32 {
+        let a = assignment_with("train", rank, rank, peers, STEPS);
+        push_to_worker(&server, &format!("node0/{rank}"), Down::Assignment(a)).await;
+    }
+    for _ in 0..2 {
+        assert_eq!(
+            expect_ack(next_event(&mut seen).await).status,
+            pb::AckStatus::Ready as i32
+        );
+    }
+    // A rank started again would report its step 0 well within this.
+    let quiet = tokio::time::timeout(Duration::from_secs(2), seen.recv()).await;
+    assert!(quiet.is_err(), "a finished rank trained again: {quiet:?}");
+    stop_workers(stops, workers).await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_bias_that_differs_fails_the_rank_with_the_reason() {
+    let (fake, mut seen) = fake();
+    let server = Server::start(fake, "127.0.0.1:0".parse().unwrap()).await;
+    let (stops, workers, _) = two_ranks(&server, &mut seen, 3, Duration::from_secs(10), None).await;
+    let mut bias = Default::default();
+    let mut step0: Vec<pb::StepReport> = Vec::new();
+    let failed = loop {
+        match next_event(&mut seen).await {
+            Seen::Up(Up::StepReport(r)) if r.step == 0 => {
+                step0.push(r);
+                if step0.len() == 2 {
+                    let update = bias_after(&mut bias, &step0.iter().collect::<Vec<_>>());
+                    let mut other = update.clone();
+                    other.layers[1].values[3] += 0.5;
+                    server.push(Down::BiasUpdate(update)).await;
+                    push_to(&server, 1, Down::BiasUpdate(other)).await;
+                }
+            }
+            Seen::Up(Up::RankFinished(f)) if f.rank == 1 => break f,
+            Seen::Up(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert!(!failed.ok);
+    assert!(
+        failed.reason.contains(
+            "the coordinator sent the routing bias after step 0 again, and it differs from the one received first"
+        ),
+        "{}",
+        failed.reason
+    );
+    assert!(failed.reason.contains("expert 3"), "{}", failed.reason);
+    stop_workers(stops, workers).await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rank_waiting_for_a_coordinator_that_stays_away_fails_with_the_reason() {
+    const BIAS_TIMEOUT: Duration = Duration::from_secs(1);
+    let (fake, mut seen) = fake();
+    let server = Server::start(fake.clone(), "127.0.0.1:0".parse().unwrap()).await;
+    let addr = server.addr;
+    let (stops, workers, _) = two_ranks(&server, &mut seen, 3, BIAS_TIMEOUT, None).await;
+    let mut step0 = 0;
+    while step0 < 2 {
+        if let Seen::Up(Up::StepReport(_)) = next_event(&mut seen).await {
+            step0 += 1;
+        }
+    }
+    // No bias: the coordinator goes away for longer than the bias timeout.
+    server.stop().await;
+    tokio::time::sleep(BIAS_TIMEOUT * 3).await;
+    let server = Server::start(fake, addr).await;
+    // When it is back, the queued rank ends say why.
+    let mut reasons = Vec::new();
+    while reasons.len() < 2 {
+        if let Seen::Up(Up::RankFinished(f)) = next_event(&mut seen).await {
+            assert!(!f.ok);
+            reasons.push(f.reason);
+        }
+    }
+    assert!(
+        reasons
+            .iter()
+            .all(|r| r.contains("no routing bias for step 0")
+                && r.contains("the coordinator has been unreachable for")),
+        "{reasons:?}"
+    );
+    stop_workers(stops, workers).await;
     server.stop().await;
 }

@@ -8,6 +8,16 @@
 //! then SIGKILL after a grace period); every wait is bounded (worker registration, each RPC, a
 //! job that stops making progress for `--stall-timeout`). The workers and the coordinator speak
 //! exactly the protocol a cluster uses — nothing here is a shortcut around it.
+//!
+//! `--resume DIR` continues a run from a committed checkpoint of the same job and parallel
+//! layout (`submit::resume_point` reads it): the job trains the steps after the checkpoint's, and
+//! the summary covers those steps.
+//!
+//! `spec.faultTolerance.spareWorkers` more worker processes start idle. When the coordinator
+//! restarts the job after a failure (within `restartBudget`, from its last checkpoint), the run
+//! keeps following it: the restart's reason is printed, the steps after the restart point are
+//! dropped and followed again as the new attempt trains them, and `summary.json` counts the
+//! restarts (`restarts`).
 
 use anyhow::{Context as _, bail};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -58,6 +68,10 @@ pub struct Args {
     /// No progress bar (one line per step on stderr instead).
     #[arg(long)]
     pub no_progress: bool,
+    /// Resume from a committed checkpoint: its step directory (holding `checkpoint.json`) or the
+    /// checkpoints root (then its newest complete `step-N`). Same parallel layout only.
+    #[arg(long, value_name = "DIR")]
+    pub resume: Option<PathBuf>,
 }
 
 /// Runs the command.
@@ -82,6 +96,8 @@ struct Plan {
     origin: String,
     sets: Vec<String>,
     world: u32,
+    /// Idle workers started besides one per rank (`spec.faultTolerance.spareWorkers`).
+    spares: u32,
     steps: u64,
     precision: String,
     run_dir: PathBuf,
@@ -92,6 +108,15 @@ struct Plan {
     bias_speed: model::lr::BiasSpeedSchedule,
     /// `cpu`, or `simulated` for the simulated device kind (a test mode).
     device_kind: &'static str,
+    /// Where the job resumes (`--resume`).
+    resume: Option<pb::ResumePoint>,
+}
+
+impl Plan {
+    /// The first step this run trains (0, or the one after the resumed checkpoint's).
+    fn first_step(&self) -> u64 {
+        self.resume.as_ref().map_or(0, |r| r.step + 1)
+    }
 }
 
 fn plan(args: &Args) -> anyhow::Result<Plan> {
@@ -123,6 +148,36 @@ fn plan(args: &Args) -> anyhow::Result<Plan> {
     let opts = worker::job::train_options(&job, base, &worker::job::Overrides::default())?;
     let par = &job.spec.parallelism;
     let world = par.pipeline * par.data;
+    let resume = match &args.resume {
+        Some(dir) => {
+            let r = super::submit::resume_point(dir, Some(world)).map_err(anyhow::Error::msg)?;
+            let steps = job.spec.training.steps;
+            if r.step + 1 >= steps {
+                bail!(
+                    "--resume {}: the checkpoint was taken after step {} (numbered from 0), the job has only {steps} steps: nothing left to train (raise --steps)",
+                    r.dir,
+                    r.step
+                );
+            }
+            // The resumed job writes its checkpoints into the run directory: refuse to start a
+            // run that would fail on an existing one.
+            let writes = job.spec.checkpointing.dir.is_some() || args.run_dir.is_some();
+            let every = job.spec.checkpointing.interval;
+            for step in r.step + 1..steps {
+                let done = step + 1;
+                let due = done == steps || (every > 0 && done.is_multiple_of(every));
+                let dir = run_dir.join(model::checkpoint::step_dir_name(done));
+                if writes && due && dir.exists() {
+                    bail!(
+                        "--resume: the resumed run would write its checkpoint after step {step} into {}, which exists; pass another --run-dir",
+                        dir.display()
+                    );
+                }
+            }
+            Some(r)
+        }
+        None => None,
+    };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = args
         .threads
@@ -133,6 +188,7 @@ fn plan(args: &Args) -> anyhow::Result<Plan> {
         origin,
         sets,
         world,
+        spares: job.spec.fault_tolerance.spare_workers,
         steps: job.spec.training.steps,
         precision: opts.precision.name().to_string(),
         summary: args
@@ -151,6 +207,7 @@ fn plan(args: &Args) -> anyhow::Result<Plan> {
                 bail!("spec.resources.device: cuda is not supported by `moetrain local` yet")
             }
         },
+        resume,
     })
 }
 
@@ -189,11 +246,15 @@ async fn local(args: Args) -> anyhow::Result<ExitCode> {
         })
     };
     eprintln!(
-        "local: job {} | {} {} ranks ({} threads each) | coordinator {url} | logs {}",
+        "local: job {} | {} {} ranks ({} threads each){} | coordinator {url} | logs {}",
         plan.name,
         plan.world,
         plan.device_kind,
         plan.threads,
+        match plan.spares {
+            0 => String::new(),
+            n => format!(" + {n} spare workers"),
+        },
         logs.display()
     );
 
@@ -240,14 +301,20 @@ impl Workers {
         self.children.clear();
     }
 
-    /// The first worker that exited, with its status.
+    /// The first worker that exited, with its status (each is reported once: it leaves the
+    /// list).
     fn exited(&mut self) -> Option<String> {
-        for (name, c) in &mut self.children {
-            if let Ok(Some(status)) = c.try_wait() {
-                return Some(format!("{name} exited ({status})"));
-            }
-        }
-        None
+        let i = self
+            .children
+            .iter_mut()
+            .position(|(_, c)| matches!(c.try_wait(), Ok(Some(_))))?;
+        let (name, mut c) = self.children.remove(i);
+        let status = c
+            .try_wait()
+            .ok()
+            .flatten()
+            .map_or("?".to_owned(), |s| s.to_string());
+        Some(format!("{name} exited ({status})"))
     }
 }
 
@@ -260,7 +327,7 @@ async fn drive(
     workers: &mut Workers,
 ) -> anyhow::Result<ExitCode> {
     let exe = std::env::current_exe().context("locating the moetrain binary")?;
-    for i in 0..plan.world {
+    for i in 0..plan.world + plan.spares {
         let log_path = logs.join(format!("worker-{i}.log"));
         let log = std::fs::File::create(&log_path)
             .with_context(|| format!("creating {}", log_path.display()))?;
@@ -303,13 +370,13 @@ async fn drive(
     }
 
     let mut client = connect(url).await?;
-    wait_for_workers(&mut client, plan.world, workers).await?;
+    wait_for_workers(&mut client, plan.world + plan.spares, workers).await?;
     let submitted = client
         .submit_job(pb::SubmitJobRequest {
             manifest_yaml: plan.manifest.clone(),
             origin: plan.origin.clone(),
             overrides: plan.sets.clone(),
-            resume: None,
+            resume: plan.resume.clone(),
         })
         .await
         .map_err(|s| anyhow::anyhow!("submitting {}: {}", plan.origin, s.message()))?
@@ -382,10 +449,17 @@ async fn follow(
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar.set_message(format!("placing {} ranks", plan.world));
+    // A resumed job's first step is the one after its checkpoint's.
+    let first = plan.first_step();
+    bar.set_position(first);
     let started = Instant::now();
     let mut steps: Vec<pb::StepSummary> = Vec::new();
     let mut last_progress = Instant::now();
     let mut interrupted = false;
+    // Restarts seen so far (their reasons), and the phase and event seen last.
+    let mut restarts: Vec<String> = Vec::new();
+    let mut last_phase = pb::JobPhase::Unspecified;
+    let mut next_event = 0u64;
     // Ctrl-C, or SIGTERM from a supervisor: cancel the job and shut everything down in order.
     let stop_signal = async {
         let term = async {
@@ -422,14 +496,42 @@ async fn follow(
         let resp = client
             .job_steps(pb::JobStepsRequest {
                 name: name.to_string(),
-                from_step: steps.len() as u64,
+                from_step: first + steps.len() as u64,
                 limit: 0,
             })
             .await
             .map_err(|s| anyhow::anyhow!("following job {name}: {}", s.message()))?
             .into_inner();
+        let job = resp.job.clone().unwrap_or_default();
+        let phase = pb::JobPhase::try_from(job.phase).unwrap_or(pb::JobPhase::Unspecified);
+        // A restart sends the progress back to the restart point: the steps after it are trained
+        // again, and followed again.
+        let done = job.progress.as_ref().map_or(0, |p| p.step);
+        let went_back = done < first + steps.len() as u64;
+        if phase != last_phase || went_back {
+            last_phase = phase;
+            for reason in new_restarts(client, name, &mut next_event).await? {
+                let line = format!("local: job {name}: {reason}");
+                if args.no_progress {
+                    eprintln!("{line}");
+                } else {
+                    bar.println(line);
+                }
+                restarts.push(reason);
+                last_progress = Instant::now();
+            }
+        }
+        if went_back {
+            steps.truncate(done.saturating_sub(first) as usize);
+            bar.set_position(first + steps.len() as u64);
+            bar.set_message(format!(
+                "restarting from step {}",
+                first + steps.len() as u64
+            ));
+            continue;
+        }
         for s in resp.steps {
-            if s.step != steps.len() as u64 {
+            if s.step != first + steps.len() as u64 {
                 continue;
             }
             let loss = |n: &str| {
@@ -466,16 +568,20 @@ async fn follow(
             steps.push(s);
             last_progress = Instant::now();
         }
-        let job = resp.job.unwrap_or_default();
-        let phase = pb::JobPhase::try_from(job.phase).unwrap_or(pb::JobPhase::Unspecified);
         if phase.is_terminal() {
+            // Restarts not seen yet while following (a restart and the end between two polls).
+            restarts.extend(new_restarts(client, name, &mut next_event).await?);
             break job;
         }
-        if steps.is_empty() && phase == pb::JobPhase::Running && bar.position() == 0 {
+        if steps.is_empty() && phase == pb::JobPhase::Running && bar.position() == first {
             bar.set_message("building the model shards".to_string());
         }
         if let Some(why) = workers.exited() {
-            bar.println(format!("local: {why}"));
+            if args.no_progress {
+                eprintln!("local: {why}");
+            } else {
+                bar.println(format!("local: {why}"));
+            }
         }
         if last_progress.elapsed() > args.stall_timeout {
             let _ = client
@@ -512,15 +618,19 @@ async fn follow(
     }
     let phase = pb::JobPhase::try_from(final_job.phase).unwrap_or(pb::JobPhase::Unspecified);
     let summary = summary(plan, &steps, &final_job, wall_s, interrupted);
-    summary
-        .write(&plan.summary)
+    write_summary(&summary, restarts.len(), &plan.summary)
         .with_context(|| format!("writing {}", plan.summary.display()))?;
     let first = steps.first().and_then(total);
     println!(
-        "job {name} {} after {} steps ({}) | loss {} -> {} | {:.0} tokens/s | {:.1}s | summary {}{}",
+        "job {name} {} after {} steps ({}){} | loss {} -> {} | {:.0} tokens/s | {:.1}s | summary {}{}",
         phase.name(),
         steps.len(),
         plan.precision,
+        match restarts.len() {
+            0 => String::new(),
+            1 => " and 1 restart".to_owned(),
+            n => format!(" and {n} restarts"),
+        },
         first.map_or("-".into(), |l| format!("{l:.4}")),
         summary.final_loss.map_or("-".into(), |l| format!("{l:.4}")),
         summary.tokens_per_s,
@@ -557,6 +667,46 @@ async fn follow(
     }
 }
 
+/// The reasons of the job's `JobRestarting` events from event `next` on; moves `next` past the
+/// events read.
+async fn new_restarts(
+    client: &mut CoordinatorClient<Channel>,
+    name: &str,
+    next: &mut u64,
+) -> anyhow::Result<Vec<String>> {
+    let described = client
+        .describe_job(pb::DescribeJobRequest {
+            name: name.to_string(),
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("describing job {name}: {}", s.message()))?
+        .into_inner();
+    let mut out = Vec::new();
+    let from = *next;
+    for e in described.events.iter().filter(|e| e.seq >= from) {
+        if e.kind == "JobRestarting" {
+            out.push(e.message.clone());
+        }
+        *next = e.seq + 1;
+    }
+    Ok(out)
+}
+
+/// Writes `summary.json`: the summary `train --single` writes, plus the run's restart count.
+fn write_summary(summary: &Summary, restarts: usize, path: &Path) -> anyhow::Result<()> {
+    let mut value = serde_json::to_value(summary).context("encoding the summary")?;
+    if let Some(map) = value.as_object_mut() {
+        map.insert("restarts".into(), restarts.into());
+    }
+    let text = serde_json::to_string_pretty(&value).context("encoding the summary")?;
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    std::fs::write(path, text)?;
+    Ok(())
+}
+
 /// The step's total loss (none on simulated devices).
 fn total(s: &pb::StepSummary) -> Option<f64> {
     s.losses.iter().find(|l| l.name == "total").map(|l| l.value)
@@ -570,7 +720,16 @@ fn summary(
     wall_s: f64,
     interrupted: bool,
 ) -> Summary {
-    let mut seen = 0u64;
+    let first = plan.first_step();
+    // Tokens trained before the first step: the saved ledger's count, else whole steps.
+    let mut seen = plan
+        .resume
+        .as_ref()
+        .and_then(|r| r.ledger.as_ref())
+        .map_or_else(
+            || first * steps.first().map_or(0, |s| s.tokens),
+            |l| l.tokens_seen,
+        );
     let records: Vec<StepRecord> = steps
         .iter()
         .map(|s| {
@@ -623,9 +782,9 @@ fn summary(
         job: plan.job_json.clone(),
         model: plan.model_json.clone(),
         precision: plan.precision.clone(),
-        start_step: 0,
-        end_step: steps.len() as u64,
-        stopped_early: interrupted || (steps.len() as u64) < plan.steps,
+        start_step: first,
+        end_step: first + steps.len() as u64,
+        stopped_early: interrupted || first + (steps.len() as u64) < plan.steps,
         final_loss: steps.last().and_then(total),
         final_eval_loss: None,
         final_eval_main_loss: None,

@@ -152,6 +152,18 @@ pub fn presum(reports: &[&[LayerCounts]]) -> Result<Vec<LayerCounts>, BalanceErr
     Ok(out)
 }
 
+/// The ledger's durable part after a finished step: enough to rebuild it bit for bit with
+/// [`BiasLedger::restore`] (a coordinator restart, a resumed job).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LedgerState {
+    /// The step the bias was computed after (the ledger then collects `after_step + 1`).
+    pub after_step: u64,
+    /// Tokens trained before step `after_step + 1` (γ of that step depends on it).
+    pub tokens_seen: u64,
+    /// (layer, bias) for every MoE layer, ascending layer id.
+    pub layers: Vec<(u32, Vec<f32>)>,
+}
+
 /// A rank's place in the ledger.
 #[derive(Debug)]
 struct Reporter {
@@ -281,6 +293,23 @@ impl BiasLedger {
         self.collecting = after_step + 1;
         self.reset_collection();
         Ok(())
+    }
+
+    /// The bias after the last step the ledger finished, with its version and the tokens
+    /// trained before the step it collects: what [`BiasLedger::restore`] takes back. `None`
+    /// while the ledger holds the initial bias (no step finished, nothing to keep).
+    pub fn snapshot(&self) -> Option<LedgerState> {
+        let after_step = self.version?;
+        Some(LedgerState {
+            after_step,
+            tokens_seen: self.tokens_seen,
+            layers: self
+                .layer_ids
+                .iter()
+                .copied()
+                .zip(self.bias.iter().cloned())
+                .collect(),
+        })
     }
 
     fn layer_index(&self, layer: u32) -> Option<usize> {

@@ -1,7 +1,9 @@
 //! MoE load balancing owned by the coordinator (issue 7, v3-spec §2.2): the routing-bias ledger
 //! that sums every holder's per-expert counts for a step and applies the auxiliary-loss-free sign
 //! rule, the bias checksums that prove every holder routes with the same bits, and the conversion
-//! to and from the wire messages (`StepReport.expert_counts`, `BiasUpdate`).
+//! to and from the wire messages (`StepReport.expert_counts`, `BiasUpdate`, and the
+//! `LedgerSnapshot` a job record or a committed checkpoint keeps, from which
+//! `BiasLedger::restore_snapshot` rebuilds a ledger bit for bit).
 //!
 //! Invariant: everything here is pure (no IO, no clock, no randomness). The new bias depends only
 //! on the previous bias, the integer counts of the step (exact `u64` sums, so the arrival order of
@@ -14,11 +16,14 @@ mod ledger;
 mod wire;
 
 pub use ledger::{
-    BalanceConfig, BiasBroadcast, BiasLedger, LayerCounts, LayerHolders, LayerSummary, StepSummary,
-    presum,
+    BalanceConfig, BiasBroadcast, BiasLedger, LayerCounts, LayerHolders, LayerSummary, LedgerState,
+    StepSummary, presum,
 };
 pub use routing::{GammaSchedule, UpdateVariant, apply_sign_rule, layer_checksum, rank_checksum};
-pub use wire::{bias_update_message, counts_from_report, layers_from_update};
+pub use wire::{
+    bias_update_message, counts_from_report, layers_from_update, snapshot_message,
+    state_from_snapshot,
+};
 
 /// Why the ledger refused a report, a checksum or a configuration.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

@@ -8,12 +8,18 @@
 //!
 //! Invariants:
 //! - A job's phase only moves along Pending → Scheduled → Running → Succeeded | Failed | Cancelled
-//!   (Recovering is reserved); every move appends a transition with its time and reason.
+//!   (Recovering is reserved), or from Scheduled | Running back to Pending when the job restarts
+//!   after a failure (`recovery`); every move appends a transition with its time and reason.
 //! - A device holds at most one rank; a lost worker holds nothing; a terminal job holds nothing.
 //! - Every state change that must survive a restart is followed by a `Put*` action for the record
 //!   it changed, emitted at the end of the same `handle` call.
 
 pub mod liveness;
+pub mod recovery;
+#[cfg(test)]
+mod recovery_tests;
+#[cfg(test)]
+mod resume_tests;
 pub mod scheduler;
 #[cfg(test)]
 mod tests;
@@ -167,6 +173,9 @@ pub enum Event {
 }
 
 /// What the server must do for the core, in order.
+// A message to a worker is the largest variant (an `Assignment` with its op list inline); actions
+// live only from one `handle` call to the server applying them, so boxing it would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq)]
 pub enum Action {
     /// Send a message on a worker's session (dropped if it has none).
@@ -294,9 +303,11 @@ impl Core {
             .filter(|(_, j)| j.phase() == pb::JobPhase::Running)
             .map(|(name, j)| {
                 let finished = j.stored.progress.as_ref().map_or(0, |p| p.step);
-                let has_moe =
-                    training::layout_of(&j.spec()).is_some_and(|l| !l.moe_layers().is_empty());
-                (name.clone(), JobRuntime::restored(finished, has_moe))
+                let ledger = training::restore_ledger(&j.stored);
+                if let Err(why) = &ledger {
+                    tracing::error!(job = %name, %why, "routing-bias ledger not restored");
+                }
+                (name.clone(), JobRuntime::restored(finished, ledger))
             })
             .collect();
         Self {
@@ -447,6 +458,24 @@ impl Core {
             return Err(CoreError::JobExists(name));
         }
         scheduler::request_of(&sub.spec).map_err(CoreError::Invalid)?;
+        if let Some(r) = &sub.spec.resume {
+            training::check_resume(&sub.spec, r).map_err(CoreError::Invalid)?;
+        }
+        // A resumed job's progress starts after its checkpoint's step.
+        let progress = sub.spec.resume.as_ref().map(|r| pb::JobProgress {
+            step: r.step + 1,
+            tokens: r.ledger.as_ref().map_or_else(
+                || (r.step + 1) * sub.spec.balance.as_ref().map_or(0, |b| b.tokens_per_step),
+                |l| l.tokens_seen,
+            ),
+            updated_unix_ms: now,
+            ..Default::default()
+        });
+        let resume_text = sub
+            .spec
+            .resume
+            .as_ref()
+            .map(|r| format!("after step {} from {}", r.step, r.dir));
         let seq = self.state.next_job_seq;
         self.state.next_job_seq += 1;
         let stored = pb::StoredJob {
@@ -464,6 +493,7 @@ impl Core {
             }],
             created_unix_ms: now,
             updated_unix_ms: now,
+            progress,
             ..Default::default()
         };
         self.state.jobs.insert(
@@ -474,14 +504,11 @@ impl Core {
             },
         );
         self.dirty_jobs.insert(name.clone());
-        self.event(
-            &name,
-            now,
-            "Submitted",
-            "job submitted, waiting for devices".into(),
-            "",
-            actions,
-        );
+        let text = match &resume_text {
+            Some(r) => format!("job submitted, resuming {r}, waiting for devices"),
+            None => "job submitted, waiting for devices".into(),
+        };
+        self.event(&name, now, "Submitted", text, "", actions);
         Ok(())
     }
 
@@ -569,8 +596,9 @@ impl Core {
         entry.session = session;
         let held = entry.stored.held.clone();
         self.dirty_workers.insert(id.clone());
-        // A running MoE job restored after a coordinator restart lost its bias ledger: it ends
-        // now, when its first holder is back, and this worker is told it holds none of its ranks.
+        // A running MoE job whose bias ledger could not be rebuilt after a coordinator restart
+        // ends now, when its first holder is back, and this worker is told it holds none of its
+        // ranks.
         let lost: Vec<(String, String)> = held
             .iter()
             .map(|h| h.job.clone())
@@ -586,9 +614,15 @@ impl Core {
                 running.then_some((job, why))
             })
             .collect();
+        // Each held rank carries the job's first unfinished step: the worker re-sends its reports
+        // from there (the coordinator may have restarted and lost the reports of later steps).
         let held: Vec<pb::HeldRank> = held
             .into_iter()
             .filter(|h| !lost.iter().any(|(j, _)| *j == h.job))
+            .map(|h| pb::HeldRank {
+                next_step: self.runtime.get(&h.job).map_or(0, |rt| rt.finished),
+                ..h
+            })
             .collect();
         actions.push(Action::Presence {
             worker: id.clone(),
@@ -617,11 +651,36 @@ impl Core {
             );
         }
         // Re-send what it still holds: the worker may have restarted, or the coordinator may have.
-        for h in held {
+        for h in &held {
             if let Some(a) = self.state.assignments.get(&(h.job.clone(), h.rank)) {
                 actions.push(Action::Send {
                     worker: id.clone(),
                     msg: msg(pb::coordinator_message::Msg::Assignment(a.clone())),
+                });
+            }
+        }
+        // And the latest bias of each running MoE job it holds ranks of: an update sent while it
+        // was away (or lost with a coordinator that restarted) is what its ranks wait for.
+        let mut layers: BTreeMap<&str, BTreeSet<u32>> = BTreeMap::new();
+        for h in &held {
+            if let Some(ledger) = self.runtime.get(&h.job).and_then(|rt| rt.ledger.as_ref()) {
+                layers
+                    .entry(h.job.as_str())
+                    .or_default()
+                    .extend(ledger.layers_of(h.rank));
+            }
+        }
+        for (job, layers) in layers {
+            let layers: Vec<u32> = layers.into_iter().collect();
+            let update = self
+                .runtime
+                .get(job)
+                .and_then(|rt| rt.ledger.as_ref())
+                .and_then(|l| l.latest_update(job, Some(&layers)));
+            if let Some(update) = update {
+                actions.push(Action::Send {
+                    worker: id.clone(),
+                    msg: msg(pb::coordinator_message::Msg::BiasUpdate(update)),
                 });
             }
         }
@@ -684,14 +743,7 @@ impl Core {
         actions: &mut Vec<Action>,
     ) {
         self.event(job, now, kind, why.clone(), worker, actions);
-        self.end_job(
-            job,
-            pb::JobPhase::Failed,
-            why,
-            pb::CommandKind::Stop,
-            now,
-            actions,
-        );
+        self.fail_or_restart(job, kind, why, now, actions);
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -766,10 +818,13 @@ impl Core {
             .jobs
             .get_mut(job)
             .ok_or_else(|| CoreError::UnknownJob(job.to_owned()))?;
-        if !entry.stored.finished_ranks.contains(&rank) {
-            entry.stored.finished_ranks.push(rank);
-            entry.stored.finished_ranks.sort_unstable();
+        if entry.stored.finished_ranks.contains(&rank) {
+            // Workers re-send it after a resumed registration (it may have been lost).
+            tracing::debug!(job, rank, worker, "rank already finished");
+            return Ok(());
         }
+        entry.stored.finished_ranks.push(rank);
+        entry.stored.finished_ranks.sort_unstable();
         let n_done = entry.stored.finished_ranks.len() as u32;
         let world = entry.world_size();
         self.dirty_jobs.insert(job.to_owned());
@@ -929,14 +984,7 @@ impl Core {
                     v.reason
                 );
                 self.event(&job, now, "WorkerLost", why.clone(), &v.worker, actions);
-                self.end_job(
-                    &job,
-                    pb::JobPhase::Failed,
-                    why,
-                    pb::CommandKind::Stop,
-                    now,
-                    actions,
-                );
+                self.fail_or_restart(&job, recovery::WORKER_LOST, why, now, actions);
             }
         }
     }
@@ -960,6 +1008,12 @@ impl Core {
                         }
                     }
                 }
+                Decision::Place(_)
+                    if self
+                        .state
+                        .jobs
+                        .get(&d.job)
+                        .is_some_and(|j| recovery::held_back(j, now, &self.config)) => {}
                 Decision::Place(placement) => {
                     self.apply_placement(&d.job, placement, d.reason, now, actions)
                 }
@@ -992,7 +1046,11 @@ impl Core {
         };
         self.transition(job, pb::JobPhase::Scheduled, reason.clone(), now);
         self.event(job, now, "Placed", reason, "", actions);
-        self.runtime.insert(job.to_owned(), JobRuntime::default());
+        // A resumed job goes on with the step after its checkpoint's.
+        let first_step = spec.resume.as_ref().map_or(0, |r| r.step + 1);
+        let mut runtime = JobRuntime::default();
+        runtime.finished = first_step;
+        self.runtime.insert(job.to_owned(), runtime);
         let peers: Vec<pb::Peer> = placement
             .ranks
             .iter()
@@ -1047,14 +1105,14 @@ impl Core {
                 heartbeat_interval_ms: heartbeat_ms,
                 checkpoint_dir: spec.checkpoint_dir.clone(),
                 checkpoint_interval: spec.checkpoint_interval,
-                resume: None,
+                resume: spec.resume.clone(),
             };
             if let Some(w) = self.state.workers.get_mut(&r.worker_id) {
                 w.stored.held.push(pb::HeldRank {
                     job: job.to_owned(),
                     rank: r.rank,
                     device_index: r.device_index,
-                    next_step: 0,
+                    next_step: first_step,
                 });
                 w.stored.reason = format!("holds rank {} of job {job}", r.rank);
                 self.dirty_workers.insert(r.worker_id.clone());

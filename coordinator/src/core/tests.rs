@@ -908,6 +908,9 @@ fn a_checkpoint_is_committed_only_when_every_rank_wrote_its_part() {
     let acts = send_written(&mut core, &w[1], written("a", 1, 4, "/c/step-4", &sha));
     assert!(sends(&acts).is_empty());
     assert_eq!(core.state.jobs["a"].stored.last_checkpoint, None, "partial");
+    // The same part again (a worker re-sends after a resumed registration) changes nothing.
+    send_written(&mut core, &w[1], written("a", 1, 4, "/c/step-4", &sha));
+    assert_eq!(core.state.jobs["a"].stored.last_checkpoint, None);
     // Malformed parts are refused with an event and do not count.
     for bad in [
         written("a", 0, 4, "/c/step-4", "ABC"),
@@ -1107,46 +1110,305 @@ fn a_wrong_bias_checksum_fails_the_job_naming_the_rank() {
 /// A core restored from what `core` stored (jobs, workers, assignments; no events), as after a
 /// coordinator restart at `now`.
 fn restart(core: &Core, now: UnixMs) -> Core {
+    restart_from(&core.state, now)
+}
+
+/// A core restored from `state` as the store kept it, as after a coordinator restart at `now`.
+fn restart_from(state: &State, now: UnixMs) -> Core {
     let snapshot = Snapshot {
-        jobs: core.state.jobs.values().map(|j| j.stored.clone()).collect(),
-        workers: core
-            .state
-            .workers
-            .values()
-            .map(|w| w.stored.clone())
-            .collect(),
-        assignments: core.state.assignments.values().cloned().collect(),
+        jobs: state.jobs.values().map(|j| j.stored.clone()).collect(),
+        workers: state.workers.values().map(|w| w.stored.clone()).collect(),
+        assignments: state.assignments.values().cloned().collect(),
         events: Default::default(),
     };
     Core::restore(Config::default(), snapshot, now)
 }
 
-#[test]
-fn a_restored_running_moe_job_fails_on_its_next_report_with_the_reason() {
-    let mut core = Core::new(Config::default());
-    submit(&mut core, moe_spec("m"), T0);
-    cluster(&mut core, 1, 2, T0);
-    ready_all(&mut core, "m", T0);
-    let w = holders_of(&core, "m");
-    let mut core = restart(&core, T0 + 1);
-    send_report(&mut core, &w[0], report("m", 0, 0, 0.5), T0 + 2);
-    assert_eq!(phase(&core, "m"), pb::JobPhase::Failed);
-    assert!(last_reason(&core, "m").contains("routing-bias ledger"));
+/// `rank`'s report of `step` of MoE job `job`, routed with the ledger's current bias (the
+/// checksum a consistent holder sends), with the deterministic counts of [`counts`].
+fn moe_report(core: &Core, job: &str, rank: u32, step: u64) -> pb::StepReport {
+    let ledger = core.runtime[job]
+        .ledger
+        .as_ref()
+        .expect("the job has a ledger");
+    pb::StepReport {
+        expert_counts: counts(rank, step, &ledger.layers_of(rank)),
+        bias_step: step.saturating_sub(1),
+        bias_checksum: ledger
+            .expected_rank_checksum(rank)
+            .unwrap_or_else(|| routing::rank_checksum(std::iter::empty())),
+        ..report(job, rank, step, 0.5)
+    }
+}
+
+/// The per-layer checksums of a job's ledger.
+fn ledger_checksums(core: &Core, job: &str) -> Vec<(u32, u64)> {
+    core.runtime[job]
+        .ledger
+        .as_ref()
+        .expect("the job has a ledger")
+        .checksums()
+        .collect()
+}
+
+/// The job records among `acts`.
+fn put_jobs(acts: &[Action]) -> Vec<pb::StoredJob> {
+    acts.iter()
+        .filter_map(|a| match a {
+            Action::PutJob(j) => Some((**j).clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A MoE job whose rank 0 routes no layer (layers 0 and 1 dense under 1F1B over two ranks), so
+/// the ledger can finish a step before every rank did.
+fn moe_spec_with_a_dense_rank(name: &str) -> pb::JobSpec {
+    let mut s = moe_spec(name);
+    if let Some(b) = s.balance.as_mut() {
+        b.first_k_dense_replace = 2;
+    }
+    s
 }
 
 #[test]
-fn a_restored_moe_job_ends_when_its_first_holder_is_back_and_the_worker_is_told_it_holds_nothing() {
+fn each_finished_step_writes_the_ledger_snapshot_of_that_step_with_its_progress() {
+    let mut core = Core::new(Config::default());
+    submit(&mut core, moe_spec_with_a_dense_rank("m"), T0);
+    cluster(&mut core, 1, 2, T0);
+    ready_all(&mut core, "m", T0);
+    let w = holders_of(&core, "m");
+    assert!(
+        core.runtime["m"]
+            .ledger
+            .as_ref()
+            .unwrap()
+            .layers_of(0)
+            .is_empty()
+    );
+    assert_eq!(core.state.jobs["m"].stored.ledger, None, "no step finished");
+    // The holder (rank 1) runs two steps ahead of the dense rank: the ledger finishes steps 0
+    // and 1, but no step is finished, so no record carries a snapshot yet.
+    let r = moe_report(&core, "m", 1, 0);
+    let acts = send_report(&mut core, &w[1], r, T0 + 1);
+    let (_, after0) = bias_updates(&acts).pop().expect("bias after step 0");
+    let r = moe_report(&core, "m", 1, 1);
+    send_report(&mut core, &w[1], r, T0 + 2);
+    assert_eq!(
+        core.runtime["m"].ledger.as_ref().unwrap().version(),
+        Some(1)
+    );
+    assert_eq!(core.state.jobs["m"].stored.ledger, None);
+    // The dense rank's step 0 finishes step 0: the record holds progress 1 and the ledger after
+    // step 0 (not the ledger's current bias, which is after step 1).
+    let r = moe_report(&core, "m", 0, 0);
+    let acts = send_report(&mut core, &w[0], r, T0 + 3);
+    let stored = put_jobs(&acts).pop().expect("the job record is written");
+    assert_eq!(stored.progress.as_ref().unwrap().step, 1);
+    let snap = stored.ledger.expect("a snapshot with the finished step");
+    assert_eq!(snap.after_step, 0);
+    assert_eq!(snap.tokens_seen, 100, "tokens trained before step 1");
+    assert_eq!(
+        snap.layers, after0.layers,
+        "every layer, the bias sent after step 0"
+    );
+    // Step 1 finishes: the snapshot moves with it, to the ledger's current one.
+    let r = moe_report(&core, "m", 0, 1);
+    let acts = send_report(&mut core, &w[0], r, T0 + 4);
+    let stored = put_jobs(&acts).pop().expect("the job record is written");
+    assert_eq!(stored.progress.as_ref().unwrap().step, 2);
+    assert_eq!(
+        stored.ledger,
+        core.runtime["m"].ledger.as_ref().unwrap().to_snapshot()
+    );
+    assert_eq!(stored.ledger.unwrap().after_step, 1);
+}
+
+#[test]
+fn a_restored_ledger_is_bit_exact_and_re_sent_reports_recompute_the_same_bias() {
+    let mut core = Core::new(Config::default());
+    submit(&mut core, moe_spec("m"), T0);
+    cluster(&mut core, 1, 2, T0);
+    ready_all(&mut core, "m", T0);
+    let w = holders_of(&core, "m");
+    for step in 0..2u64 {
+        for rank in 0..2u32 {
+            let r = moe_report(&core, "m", rank, step);
+            send_report(&mut core, &w[rank as usize], r, T0 + 1 + step);
+        }
+    }
+    // What the store holds when the coordinator dies: step 1 finished, then the bias after
+    // step 2 went out before the record of step 2 was written (the race the workers cover).
+    let stored = core.state.clone();
+    let checksums = ledger_checksums(&core, "m");
+    let mut sent = Vec::new();
+    let mut original = Vec::new();
+    for rank in 0..2u32 {
+        let r = moe_report(&core, "m", rank, 2);
+        sent.push(r.clone());
+        original = bias_updates(&send_report(&mut core, &w[rank as usize], r, T0 + 10));
+    }
+    assert_eq!(original.len(), 2);
+    assert!(original.iter().all(|(_, u)| u.step == 2));
+
+    let mut core = restart_from(&stored, T0 + 20);
+    assert_eq!(phase(&core, "m"), pb::JobPhase::Running);
+    assert_eq!(core.runtime["m"].finished, 2);
+    assert_eq!(ledger_checksums(&core, "m"), checksums, "bit for bit");
+    let l = core.runtime["m"].ledger.as_ref().unwrap();
+    assert_eq!((l.version(), l.collecting()), (Some(1), 2));
+
+    // Each holder resumes: its ranks' next step is 2, and the latest bias (after step 1, which
+    // its ranks route step 2 with) is re-sent with its layers.
+    let snapshot = stored.jobs["m"]
+        .stored
+        .ledger
+        .clone()
+        .expect("snapshot of step 1");
+    for (rank, id) in w.iter().enumerate() {
+        let acts = register(&mut core, id, "n0", rank as u32, T0 + 21);
+        let msgs = sends(&acts);
+        match &msgs[0] {
+            (_, pb::coordinator_message::Msg::Registered(r)) => {
+                assert!(r.resumed);
+                assert_eq!(r.held.len(), 1);
+                assert_eq!((r.held[0].rank, r.held[0].next_step), (rank as u32, 2));
+            }
+            other => panic!("expected Registered first, got {other:?}"),
+        }
+        assert_eq!(assignments(&acts).len(), 1, "the assignment is re-sent");
+        let b = bias_updates(&acts);
+        assert_eq!(b.len(), 1, "the latest bias is re-sent");
+        assert_eq!(b[0].1.step, 1);
+        let layers: Vec<u32> = b[0].1.layers.iter().map(|l| l.layer).collect();
+        assert_eq!(
+            layers,
+            core.runtime["m"]
+                .ledger
+                .as_ref()
+                .unwrap()
+                .layers_of(rank as u32)
+        );
+        let want: Vec<pb::LayerBias> = snapshot
+            .layers
+            .iter()
+            .filter(|l| layers.contains(&l.layer))
+            .cloned()
+            .collect();
+        assert_eq!(b[0].1.layers, want, "the stored bias after step 1");
+    }
+    // The re-sent reports of step 2 (a duplicate among them is ignored) finish it again, and
+    // the ledger sends the very bias it sent before the restart.
+    send_report(&mut core, &w[0], sent[0].clone(), T0 + 22);
+    send_report(&mut core, &w[0], sent[0].clone(), T0 + 22);
+    let acts = send_report(&mut core, &w[1], sent[1].clone(), T0 + 23);
+    assert_eq!(
+        phase(&core, "m"),
+        pb::JobPhase::Running,
+        "{}",
+        last_reason(&core, "m")
+    );
+    assert_eq!(
+        bias_updates(&acts),
+        original,
+        "the same BiasUpdates after step 2"
+    );
+    let stored = put_jobs(&acts).pop().expect("the job record is written");
+    assert_eq!(stored.progress.unwrap().step, 3);
+    assert_eq!(stored.ledger.unwrap().after_step, 2);
+    // A rank that finished is reported again after a resume: counted once, no second event.
+    for _ in 0..2 {
+        core.handle(
+            Event::RankFinished {
+                worker: w[0].clone(),
+                job: "m".into(),
+                rank: 0,
+                ok: true,
+                reason: String::new(),
+            },
+            T0 + 24,
+        )
+        .unwrap();
+    }
+    let finished_events = event_kinds(&core, "m")
+        .iter()
+        .filter(|k| *k == "RankFinished")
+        .count();
+    assert_eq!(finished_events, 1);
+    assert_eq!(core.state.jobs["m"].stored.finished_ranks, vec![0]);
+}
+
+#[test]
+fn a_job_restored_before_its_first_step_restarts_its_ledger_fresh() {
     let mut core = Core::new(Config::default());
     submit(&mut core, moe_spec("m"), T0);
     cluster(&mut core, 1, 2, T0);
     ready_all(&mut core, "m", T0);
     let w = holders_of(&core, "m");
     let mut core = restart(&core, T0 + 1);
+    let l = core.runtime["m"].ledger.as_ref().expect("a fresh ledger");
+    assert_eq!((l.version(), l.collecting()), (None, 0));
+    let acts = register(&mut core, &w[0], "n0", 0, T0 + 2);
+    assert!(bias_updates(&acts).is_empty(), "no bias was ever computed");
+    for rank in 0..2u32 {
+        let r = moe_report(&core, "m", rank, 0);
+        send_report(&mut core, &w[rank as usize], r, T0 + 3);
+    }
     assert_eq!(phase(&core, "m"), pb::JobPhase::Running);
-    let actions = register(&mut core, &w[0], "n0", 0, T0 + 2);
-    let msgs = sends(&actions);
+    assert_eq!(core.runtime["m"].finished, 1);
+}
+
+#[test]
+fn a_restored_running_moe_job_without_its_snapshot_fails_on_its_next_report() {
+    let mut core = Core::new(Config::default());
+    submit(&mut core, moe_spec("m"), T0);
+    cluster(&mut core, 1, 2, T0);
+    ready_all(&mut core, "m", T0);
+    let w = holders_of(&core, "m");
+    for rank in 0..2u32 {
+        let r = moe_report(&core, "m", rank, 0);
+        send_report(&mut core, &w[rank as usize], r, T0 + 1);
+    }
+    let mut state = core.state.clone();
+    state.jobs.get_mut("m").unwrap().stored.ledger = None;
+    let mut core = restart_from(&state, T0 + 2);
+    send_report(&mut core, &w[0], report("m", 0, 1, 0.5), T0 + 3);
+    assert_eq!(phase(&core, "m"), pb::JobPhase::Failed);
+    let reason = last_reason(&core, "m");
+    assert!(reason.contains("routing-bias ledger"), "{reason}");
+    assert!(
+        reason.contains("finished 1 steps, but its record holds no ledger snapshot"),
+        "{reason}"
+    );
+}
+
+#[test]
+fn a_snapshot_of_another_layout_fails_the_restored_job_naming_the_mismatch() {
+    let mut core = Core::new(Config::default());
+    submit(&mut core, moe_spec("m"), T0);
+    cluster(&mut core, 1, 2, T0);
+    ready_all(&mut core, "m", T0);
+    let w = holders_of(&core, "m");
+    for rank in 0..2u32 {
+        let r = moe_report(&core, "m", rank, 0);
+        send_report(&mut core, &w[rank as usize], r, T0 + 1);
+    }
+    // Layer 3's bias with 7 values where the job routes over 8 experts.
+    let mut state = core.state.clone();
+    let snap = state
+        .jobs
+        .get_mut("m")
+        .unwrap()
+        .stored
+        .ledger
+        .as_mut()
+        .unwrap();
+    snap.layers[2].values.pop();
+    let mut core = restart_from(&state, T0 + 2);
+    assert_eq!(phase(&core, "m"), pb::JobPhase::Running);
+    let actions = register(&mut core, &w[0], "n0", 0, T0 + 3);
     // Registered comes first, resumed, and lists no rank of the ended job.
-    match &msgs[0] {
+    match &sends(&actions)[0] {
         (to, pb::coordinator_message::Msg::Registered(r)) => {
             assert_eq!(to, &w[0]);
             assert!(r.resumed);
@@ -1159,8 +1421,28 @@ fn a_restored_moe_job_ends_when_its_first_holder_is_back_and_the_worker_is_told_
         "no assignment of the ended job is re-sent"
     );
     assert_eq!(phase(&core, "m"), pb::JobPhase::Failed);
-    assert!(last_reason(&core, "m").contains("routing-bias ledger"));
+    let reason = last_reason(&core, "m");
+    assert!(reason.contains("routing-bias ledger"), "{reason}");
+    assert!(
+        reason.contains("bias of layer 3 has 7 experts, expected 8"),
+        "{reason}"
+    );
     assert!(core.state.workers[&w[0]].stored.held.is_empty());
+    // A snapshot of another step than the record's progress is refused too.
+    let mut state = core.state.clone();
+    let job = &mut state.jobs.get_mut("m").unwrap().stored;
+    job.phase = pb::JobPhase::Running as i32;
+    job.ledger.as_mut().unwrap().layers[2].values.push(0.0);
+    job.ledger.as_mut().unwrap().after_step = 4;
+    let core = restart_from(&state, T0 + 4);
+    let why = core.runtime["m"]
+        .ledger_lost()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        why.contains("the stored snapshot is of step 4, but the job finished 1 steps"),
+        "{why}"
+    );
 }
 
 #[test]

@@ -13,10 +13,17 @@
 //! - A rank whose bias checksum differs from the ledger's fails the job at once, with the step,
 //!   the rank, the expected and the reported checksum in the reason.
 //! - `last_checkpoint` only ever names a step every rank wrote; partial sets stay pending (bounded)
-//!   and never become it.
-//! - The step history and the ledger live in memory only: a coordinator restart loses the history
-//!   (the job record, its progress and last checkpoint survive on etcd), and a running job with MoE
-//!   layers fails on its next report, because the ledger's bias cannot be rebuilt from the store.
+//!   and never become it. Its `CheckpointCommitted` carries the ledger's snapshot after that step,
+//!   kept (bounded) from when the ledger finished it, since the ledger may be further by then.
+//! - A job resumed from a checkpoint (`JobSpec.resume`, checked by [`check_resume`] on submit)
+//!   starts its progress, its ledger and every rank after the checkpoint's step.
+//! - The job record written after a finished step holds, with `progress.step = finished`, the
+//!   ledger's snapshot after step `finished - 1` (`StoredJob.ledger`; none before the first step).
+//!   A coordinator restart rebuilds the ledger from it bit for bit (collecting step `finished`);
+//!   the workers re-send their reports from `finished` on (`HeldRank.next_step`), so the ledger
+//!   recomputes, bit for bit, any bias it had sent before the restart. A running MoE job whose
+//!   snapshot is missing or does not fit its layout fails on its first holder's return, with the
+//!   reason naming what is wrong. Only the step history is lost on a restart.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -36,6 +43,9 @@ pub const STEP_HISTORY: usize = 100_000;
 pub const MAX_STEPS_AHEAD: u64 = 64;
 /// Partial checkpoints kept pending per job; older ones are dropped.
 pub const MAX_PENDING_CHECKPOINTS: usize = 8;
+/// Ledger snapshots kept per job for checkpoints not committed yet (one per checkpoint step the
+/// ledger finished; the ledger may finish a step before its checkpoint's last part arrives).
+pub const MAX_LEDGER_SNAPSHOTS: usize = MAX_PENDING_CHECKPOINTS;
 
 /// One step that not every rank has reported yet.
 #[derive(Debug, Default)]
@@ -75,38 +85,158 @@ pub struct JobRuntime {
     pub ledger: Option<BiasLedger>,
     /// The latest step the ledger finished and its per-layer loads (per-expert counts included).
     pub latest_loads: Option<(u64, Vec<LayerSummary>)>,
-    /// Why the job cannot be balanced any more (set on a restore of a running MoE job).
+    /// Why the job cannot be balanced any more (a running MoE job whose ledger could not be
+    /// rebuilt from its record after a coordinator restart).
     ledger_lost: Option<String>,
+    /// The ledger's snapshot after each step it finished that not every rank has finished yet
+    /// (at most [`MAX_STEPS_AHEAD`]): the record of step `s + 1` takes the one of step `s`.
+    snapshots: BTreeMap<u64, pb::LedgerSnapshot>,
     pending: BTreeMap<u64, PendingStep>,
     checkpoints: BTreeMap<u64, PendingCheckpoint>,
+    /// The ledger after each recent checkpoint step (at most [`MAX_LEDGER_SNAPSHOTS`]), for
+    /// `CheckpointCommitted.ledger`.
+    pub(super) ledger_snapshots: BTreeMap<u64, pb::LedgerSnapshot>,
 }
 
 impl JobRuntime {
-    /// Why the job cannot be balanced any more, if so (a running MoE job restored after a
-    /// coordinator restart).
+    /// Why the job cannot be balanced any more, if so (a running MoE job whose ledger could not
+    /// be rebuilt after a coordinator restart).
     pub fn ledger_lost(&self) -> Option<&str> {
         self.ledger_lost.as_deref()
     }
 
-    /// Drops pending steps and partial checkpoints (the job ended).
+    /// Drops pending steps, ledger snapshots and partial checkpoints (the job ended).
     pub fn clear_pending(&mut self) {
         self.pending.clear();
+        self.snapshots.clear();
         self.checkpoints.clear();
+        self.ledger_snapshots.clear();
     }
 
-    /// A runtime for a running job restored from the store: its history is gone, and a job with
-    /// MoE layers cannot continue (its ledger's bias is not stored).
-    pub fn restored(finished: u64, has_moe: bool) -> Self {
+    /// A runtime for a running job restored from the store: `finished` steps done (its history
+    /// is gone), and its ledger as [`restore_ledger`] rebuilt it, or why it could not be (the job
+    /// then fails when a holder is back or reports).
+    pub fn restored(finished: u64, ledger: Result<Option<BiasLedger>, String>) -> Self {
+        let (ledger, ledger_lost) = match ledger {
+            Ok(l) => (l, None),
+            Err(why) => (None, Some(why)),
+        };
         Self {
             finished,
-            ledger_lost: has_moe.then(|| {
-                "the coordinator restarted and lost the job's routing-bias ledger (the bias is \
-                 kept in memory only), so holders can no longer be kept consistent"
-                    .to_owned()
-            }),
+            ledger,
+            ledger_lost,
             ..Self::default()
         }
     }
+}
+
+/// The routing-bias ledger of a job with MoE layers, fresh (zero bias, collecting step 0), for
+/// the placed `ranks`: every MoE layer with the ranks that route with it. `Ok(None)` for a job
+/// without MoE layers; the error says why the spec cannot be balanced. The text describes the
+/// ledger for the `BalanceStarted` event.
+pub fn new_ledger(
+    spec: &pb::JobSpec,
+    ranks: &[pb::RankPlacement],
+) -> Result<Option<(BiasLedger, String)>, String> {
+    let (Some(layout), Some(b)) = (layout_of(spec), spec.balance.as_ref()) else {
+        return Ok(None);
+    };
+    let kind = proto::convert::schedule_from_name(&spec.schedule).map_err(|e| e.to_string())?;
+    let stages = kind.stage_count(spec.pipeline);
+    let mut holders: BTreeMap<u32, Vec<u32>> = layout
+        .moe_layers()
+        .into_iter()
+        .map(|l| (l, Vec::new()))
+        .collect();
+    for r in ranks {
+        for l in layout.rank_moe_layers(stages, &r.stages) {
+            holders.entry(l).or_default().push(r.rank);
+        }
+    }
+    let holders: Vec<LayerHolders> = holders
+        .into_iter()
+        .map(|(layer, holders)| LayerHolders { layer, holders })
+        .collect();
+    let config = BalanceConfig {
+        experts: spec.n_routed_experts as usize,
+        gamma: GammaSchedule {
+            rate: b.rate,
+            until_tokens: b.stop_after_tokens,
+        },
+        variant: if b.subtract_mean {
+            UpdateVariant::SignMeanSubtracted
+        } else {
+            UpdateVariant::Sign
+        },
+        tokens_per_step: b.tokens_per_step,
+        history: 1,
+    };
+    let ledger = BiasLedger::new(config, &holders).map_err(|e| e.to_string())?;
+    let text = format!(
+        "routing-bias ledger started: {} MoE layers x {} experts over {} ranks, gamma {} until {}, {}",
+        ledger.layers().len(),
+        spec.n_routed_experts,
+        ranks.len(),
+        b.rate,
+        b.stop_after_tokens
+            .map_or("the end".to_owned(), |t| format!("{t} tokens")),
+        if b.subtract_mean {
+            "mean subtracted"
+        } else {
+            "plain sign rule"
+        },
+    );
+    Ok(Some((ledger, text)))
+}
+
+/// Rebuilds the ledger of a running job from its record after a coordinator restart: built as
+/// when the job started ([`new_ledger`]), then restored from `StoredJob.ledger`, which must be the
+/// snapshot after step `progress.step - 1` (before its first finished step, a job resumed from a
+/// checkpoint uses the resume point's snapshot). A record without a snapshot restarts the ledger
+/// fresh only when no step finished. `Ok(None)` for a job without MoE layers; the error is the
+/// job's failure reason and names what is wrong.
+pub fn restore_ledger(stored: &pb::StoredJob) -> Result<Option<BiasLedger>, String> {
+    let spec = stored.spec.clone().unwrap_or_default();
+    let ranks = stored
+        .placement
+        .as_ref()
+        .map(|p| p.ranks.as_slice())
+        .unwrap_or_default();
+    let finished = stored.progress.as_ref().map_or(0, |p| p.step);
+    let why = |what: String| {
+        format!(
+            "the coordinator restarted and cannot rebuild the job's routing-bias ledger: {what}"
+        )
+    };
+    let Some((mut ledger, _)) = new_ledger(&spec, ranks).map_err(why)? else {
+        return Ok(None);
+    };
+    let snapshot = stored
+        .ledger
+        .as_ref()
+        .or_else(|| spec.resume.as_ref().and_then(|r| r.ledger.as_ref()));
+    match snapshot {
+        None if finished == 0 => {}
+        None => {
+            return Err(why(format!(
+                "the job finished {finished} steps, but its record holds no ledger snapshot"
+            )));
+        }
+        Some(s) if s.after_step + 1 != finished => {
+            return Err(why(format!(
+                "the stored snapshot is of step {}, but the job finished {finished} steps (expected the snapshot of step {})",
+                s.after_step,
+                finished.saturating_sub(1)
+            )));
+        }
+        Some(s) => ledger.restore_snapshot(s).map_err(|e| {
+            why(format!(
+                "the stored snapshot of step {} does not fit the job's layout: {e}",
+                s.after_step
+            ))
+        })?,
+    }
+    Ok(Some(ledger))
 }
 
 /// The MoE layout of a job spec, or `None` for specs without MoE telemetry (older records, or no
@@ -174,6 +304,73 @@ fn check_written(cw: &pb::CheckpointWritten) -> Result<(), String> {
     Ok(())
 }
 
+/// Whether the workers write a checkpoint after `step` (numbered from 0), the rule of
+/// `worker::compute`: every `checkpoint_interval` steps and after the last, with a directory.
+pub fn checkpoint_due(spec: &pb::JobSpec, step: u64) -> bool {
+    let done = step + 1;
+    !spec.checkpoint_dir.is_empty()
+        && (done == spec.steps
+            || (spec.checkpoint_interval > 0 && done.is_multiple_of(spec.checkpoint_interval)))
+}
+
+/// Checks a submitted resume point against the job it resumes (see `moetrain submit --resume`):
+/// a checkpoint directory, a step with steps left after it, and — for a job with MoE layers — a
+/// ledger saved after that step with one bias of `n_routed_experts` finite values for exactly
+/// the job's MoE layers (none for a job without). The error names what is wrong.
+pub fn check_resume(spec: &pb::JobSpec, r: &pb::ResumePoint) -> Result<(), String> {
+    if r.dir.is_empty() {
+        return Err("resume: the checkpoint directory is empty".into());
+    }
+    if r.step + 1 >= spec.steps {
+        return Err(format!(
+            "resume: the checkpoint in {} was taken after step {} (steps are numbered from 0), but the job has only {} steps, so none is left to train; raise spec.training.steps",
+            r.dir, r.step, spec.steps
+        ));
+    }
+    let moe = layout_of(spec).map(|l| l.moe_layers()).unwrap_or_default();
+    let Some(ledger) = &r.ledger else {
+        return if moe.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "resume: the checkpoint in {} carries no routing-bias ledger, but the job has MoE layers {moe:?}",
+                r.dir
+            ))
+        };
+    };
+    if ledger.after_step != r.step {
+        return Err(format!(
+            "resume: the ledger in {} was saved after step {}, the checkpoint after step {}",
+            r.dir, ledger.after_step, r.step
+        ));
+    }
+    let layers: Vec<u32> = ledger.layers.iter().map(|l| l.layer).collect();
+    if layers != moe {
+        return Err(format!(
+            "resume: the ledger in {} holds the bias of layers {layers:?}, but the job's MoE layers are {moe:?} (another model or MTP depth?)",
+            r.dir
+        ));
+    }
+    let experts = spec.n_routed_experts as usize;
+    for l in &ledger.layers {
+        if l.values.len() != experts {
+            return Err(format!(
+                "resume: the ledger in {} has {} bias values for layer {}, the job has {experts} routed experts",
+                r.dir,
+                l.values.len(),
+                l.layer
+            ));
+        }
+        if let Some(v) = l.values.iter().find(|v| !v.is_finite()) {
+            return Err(format!(
+                "resume: the ledger in {} has a non-finite bias {v} in layer {}",
+                r.dir, l.layer
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl Core {
     /// Starts a job's routing-bias ledger as it begins running: every MoE layer with the ranks
     /// that route with it, from the job's layout and the stages each rank holds. A job whose
@@ -190,62 +387,29 @@ impl Core {
             .map(|p| p.ranks.clone())
             .unwrap_or_default();
         self.runtime.entry(job.to_owned()).or_default();
-        let (Some(layout), Some(b)) = (layout_of(&spec), spec.balance.as_ref()) else {
-            return;
-        };
-        let kind = match proto::convert::schedule_from_name(&spec.schedule) {
-            Ok(k) => k,
-            Err(e) => {
-                let why = format!("cannot start the routing-bias ledger: {e}");
-                self.fail_job_for_rank(job, "", "BalanceFailed", why, now, actions);
-                return;
-            }
-        };
-        let stages = kind.stage_count(spec.pipeline);
-        let mut holders: BTreeMap<u32, Vec<u32>> = layout
-            .moe_layers()
-            .into_iter()
-            .map(|l| (l, Vec::new()))
-            .collect();
-        for r in &ranks {
-            for l in layout.rank_moe_layers(stages, &r.stages) {
-                holders.entry(l).or_default().push(r.rank);
-            }
-        }
-        let holders: Vec<LayerHolders> = holders
-            .into_iter()
-            .map(|(layer, holders)| LayerHolders { layer, holders })
-            .collect();
-        let config = BalanceConfig {
-            experts: spec.n_routed_experts as usize,
-            gamma: GammaSchedule {
-                rate: b.rate,
-                until_tokens: b.stop_after_tokens,
-            },
-            variant: if b.subtract_mean {
-                UpdateVariant::SignMeanSubtracted
-            } else {
-                UpdateVariant::Sign
-            },
-            tokens_per_step: b.tokens_per_step,
-            history: 1,
-        };
-        match BiasLedger::new(config, &holders) {
-            Ok(ledger) => {
-                let text = format!(
-                    "routing-bias ledger started: {} MoE layers x {} experts over {} ranks, gamma {} until {}, {}",
-                    ledger.layers().len(),
-                    spec.n_routed_experts,
-                    ranks.len(),
-                    b.rate,
-                    b.stop_after_tokens
-                        .map_or("the end".to_owned(), |t| format!("{t} tokens")),
-                    if b.subtract_mean {
-                        "mean subtracted"
-                    } else {
-                        "plain sign rule"
-                    },
-                );
+        // A job resumed from a checkpoint starts its ledger from the checkpoint's snapshot.
+        let resumed = spec.resume.as_ref();
+        let started = new_ledger(&spec, &ranks).and_then(|built| {
+            let Some((mut ledger, text)) = built else {
+                return Ok(None);
+            };
+            let text = match resumed {
+                Some(r) => {
+                    if let Some(snap) = r.ledger.as_ref() {
+                        ledger.restore_snapshot(snap).map_err(|e| e.to_string())?;
+                    }
+                    format!(
+                        "{text}; resumed from the bias after step {} ({})",
+                        r.step, r.dir
+                    )
+                }
+                None => text,
+            };
+            Ok(Some((ledger, text)))
+        });
+        match started {
+            Ok(None) => {}
+            Ok(Some((ledger, text))) => {
                 if let Some(rt) = self.runtime.get_mut(job) {
                     rt.ledger = Some(ledger);
                 }
@@ -415,12 +579,38 @@ impl Core {
     /// Sends the bias computed after `b.step` to every worker that holds a rank of the job (the
     /// layers its ranks route with; possibly none), and records the step's loads.
     fn broadcast_bias(&mut self, job: &str, b: &BiasBroadcast, actions: &mut Vec<Action>) {
+        let checkpoint_due = self
+            .state
+            .jobs
+            .get(job)
+            .and_then(|e| e.stored.spec.as_ref())
+            .is_some_and(|s| checkpoint_due(s, b.step));
         let Some(rt) = self.runtime.get_mut(job) else {
             return;
         };
         let Some(ledger) = rt.ledger.as_ref() else {
             return;
         };
+        if checkpoint_due {
+            rt.ledger_snapshots.insert(
+                b.step,
+                pb::LedgerSnapshot {
+                    after_step: b.step,
+                    tokens_seen: ledger.tokens_seen(),
+                    layers: b
+                        .layers
+                        .iter()
+                        .map(|(layer, values)| pb::LayerBias {
+                            layer: *layer,
+                            values: values.clone(),
+                        })
+                        .collect(),
+                },
+            );
+            while rt.ledger_snapshots.len() > MAX_LEDGER_SNAPSHOTS {
+                rt.ledger_snapshots.pop_first();
+            }
+        }
         let mut per_worker: BTreeMap<&str, BTreeSet<u32>> = BTreeMap::new();
         for w in self.state.workers.values() {
             for h in w.stored.held.iter().filter(|h| h.job == job) {
@@ -463,6 +653,10 @@ impl Core {
                 .collect();
             rt.pending.entry(b.step).or_default().layer_loads = loads;
             rt.latest_loads = Some((b.step, summary.layers.clone()));
+        }
+        // Kept until step `b.step` is finished by every rank, when its record takes it.
+        if let Some(snapshot) = ledger.to_snapshot() {
+            rt.snapshots.insert(b.step, snapshot);
         }
     }
 
@@ -530,6 +724,19 @@ impl Core {
             rt.history.push_back(summary);
             changed = true;
         }
+        if changed && rt.ledger.is_some() {
+            // The record of `finished` steps carries the ledger after step `finished - 1`; the
+            // ledger finished that step before its last report finished it here.
+            let last = rt.finished - 1;
+            let snapshot = rt.snapshots.remove(&last);
+            rt.snapshots.retain(|s, _| *s > last);
+            if snapshot.is_none() {
+                tracing::error!(job, step = last, "no ledger snapshot for a finished step");
+            }
+            if let Some(entry) = self.state.jobs.get_mut(job) {
+                entry.stored.ledger = snapshot;
+            }
+        }
         if changed {
             self.dirty_jobs.insert(job.to_owned());
         }
@@ -571,6 +778,16 @@ impl Core {
             .map(|r| r.worker_id.clone())
             .unwrap_or_default();
         let rt = self.runtime.entry(job.clone()).or_default();
+        if rt
+            .checkpoints
+            .get(&step)
+            .and_then(|p| p.ranks.get(&rank))
+            .is_some_and(|have| *have == cw)
+        {
+            // Workers re-send their parts after a resumed registration (it may have been lost).
+            tracing::debug!(job = %job, rank, step, "checkpoint part already received");
+            return Ok(());
+        }
         let refuse =
             |why: String| format!("checkpoint part of rank {rank} for step {step} refused: {why}");
         let problem = check_written(&cw).err().or_else(|| {
@@ -619,12 +836,17 @@ impl Core {
         }
         let ranks: Vec<pb::CheckpointWritten> = done.ranks.into_values().collect();
         let bytes: u64 = ranks.iter().flat_map(|r| &r.files).map(|f| f.bytes).sum();
+        // The ledger after this step (kept since the ledger finished it); older ones are done.
+        let ledger = rt.ledger_snapshots.remove(&step);
+        rt.ledger_snapshots.retain(|s, _| *s > step);
+        let balanced = rt.ledger.is_some();
         let info = pb::CheckpointInfo {
             step,
             dir: done.dir.clone(),
             unix_ms: now,
             ranks: ranks.len() as u32,
             bytes,
+            ledger: ledger.clone(),
         };
         if let Some(entry) = self.state.jobs.get_mut(&job) {
             entry.stored.last_checkpoint = Some(info);
@@ -635,9 +857,15 @@ impl Core {
             now,
             "CheckpointCommitted",
             format!(
-                "checkpoint after step {step} complete: {} ranks, {bytes} bytes in {}",
+                "checkpoint after step {step} complete: {} ranks, {bytes} bytes in {}{}",
                 ranks.len(),
-                done.dir
+                done.dir,
+                match (&ledger, balanced) {
+                    (None, true) => format!(
+                        "; the routing-bias ledger after step {step} is not known, so a job cannot resume from it"
+                    ),
+                    _ => String::new(),
+                }
             ),
             "",
             actions,
@@ -650,7 +878,7 @@ impl Core {
                     step,
                     dir: done.dir,
                     ranks,
-                    ledger: None,
+                    ledger,
                 },
             )),
         });

@@ -173,7 +173,9 @@ impl pb::coordinator_server::Coordinator for Api {
         let req = req.into_inner();
         let span = tracing::info_span!("rpc", method = "SubmitJob", origin = %req.origin);
         async move {
-            let sub = crate::spec::submission(&req.manifest_yaml, &req.origin, &req.overrides)?;
+            let mut sub = crate::spec::submission(&req.manifest_yaml, &req.origin, &req.overrides)?;
+            // The core checks the resume point against the spec (`training::check_resume`).
+            sub.spec.resume = req.resume;
             let name = sub.spec.name.clone();
             self.shared.handle(Event::Submit(Box::new(sub)))?;
             self.shared.flush().await?;

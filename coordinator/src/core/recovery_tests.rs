@@ -1,0 +1,697 @@
+//! Unit tests of automatic recovery (`recovery`): the pure decision table (budget left or used
+//! up, with or without a checkpoint, restartable or deterministic failures, the reasons users
+//! read), and through the core: a worker lost mid-run with an idle spare sends the job back to
+//! Pending and then onto the spare resumed from the last checkpoint, with the restart stored; a
+//! budget of 0 fails the job with the original reason; a used-up budget names itself.
+
+use super::recovery::{Decision, Failure, decide, held_back, hold_ms, restartable};
+use super::*;
+use crate::Config;
+
+const T0: UnixMs = 3_000_000;
+
+/// A 1F1B job over two pipeline ranks of a 4-layer MoE model (rank 0 routes layer 1, rank 1
+/// layers 2, 3 and the MTP layer 4), 8 experts, 10 steps of 100 tokens, a checkpoint every 2
+/// steps into `/c`, restart budget `budget`, one spare worker.
+fn spec(name: &str, budget: u32) -> pb::JobSpec {
+    pb::JobSpec {
+        name: name.into(),
+        pipeline: 2,
+        data: 1,
+        expert: 1,
+        schedule: "1f1b".into(),
+        micro_batches: 4,
+        steps: 10,
+        n_routed_experts: 8,
+        n_group: 4,
+        device_kind: pb::DeviceKind::Cpu as i32,
+        balance: Some(pb::BalanceSpec {
+            num_hidden_layers: 4,
+            first_k_dense_replace: 1,
+            moe_layer_freq: 1,
+            mtp_depth: 1,
+            rate: 0.5,
+            stop_after_tokens: None,
+            subtract_mean: false,
+            tokens_per_step: 100,
+        }),
+        checkpoint_dir: "/c".into(),
+        checkpoint_interval: 2,
+        restart_budget: budget,
+        spare_workers: 1,
+        ..Default::default()
+    }
+}
+
+const LAYERS: [&[u32]; 2] = [&[1], &[2, 3, 4]];
+
+fn ledger_after(step: u64) -> pb::LedgerSnapshot {
+    pb::LedgerSnapshot {
+        after_step: step,
+        tokens_seen: (step + 1) * 100,
+        layers: (1..=4u32)
+            .map(|layer| pb::LayerBias {
+                layer,
+                values: vec![0.125 * layer as f32; 8],
+            })
+            .collect(),
+    }
+}
+
+fn checkpoint(step: u64, ledger: Option<pb::LedgerSnapshot>) -> pb::CheckpointInfo {
+    pb::CheckpointInfo {
+        step,
+        dir: format!("/c/step-{:08}", step + 1),
+        unix_ms: T0,
+        ranks: 2,
+        bytes: 2000,
+        ledger,
+    }
+}
+
+/// A stored running job of [`spec`] with `restarts` done and `last` as its last checkpoint.
+fn stored(budget: u32, restarts: u32, last: Option<pb::CheckpointInfo>) -> pb::StoredJob {
+    pb::StoredJob {
+        spec: Some(spec("j", budget)),
+        phase: pb::JobPhase::Running as i32,
+        restarts,
+        last_checkpoint: last,
+        ..Default::default()
+    }
+}
+
+const LOST: &str = "worker w3 (rank 1) lost: silent for 5.2s, failure timeout 5.0s";
+const PEER: &str =
+    "rank 0 failed on worker w0: step 5: receiving from peer rank 1: the connection was closed";
+
+fn lost() -> Failure<'static> {
+    Failure {
+        kind: recovery::WORKER_LOST,
+        reason: LOST,
+    }
+}
+
+#[test]
+fn within_the_budget_a_lost_worker_restarts_from_the_last_checkpoint() {
+    let d = decide(
+        &stored(3, 0, Some(checkpoint(3, Some(ledger_after(3))))),
+        &lost(),
+    );
+    let want = pb::ResumePoint {
+        dir: "/c/step-00000004".into(),
+        step: 3,
+        ledger: Some(ledger_after(3)),
+    };
+    assert_eq!(
+        d,
+        Decision::Restart {
+            resume: Some(want),
+            reason: format!(
+                "restart 1 of 3 after {LOST}; resuming from the checkpoint after step 3 (step-00000004)"
+            ),
+        }
+    );
+    // The count goes on from the restarts already done.
+    let Decision::Restart { reason, .. } = decide(&stored(3, 2, None), &lost()) else {
+        panic!("the third restart is within a budget of 3");
+    };
+    assert!(
+        reason.starts_with("restart 3 of 3 after worker w3"),
+        "{reason}"
+    );
+}
+
+#[test]
+fn without_a_usable_checkpoint_a_restart_begins_at_the_earliest_point() {
+    // No checkpoint: step 0 with a fresh ledger.
+    let Decision::Restart { resume, reason } = decide(&stored(3, 0, None), &lost()) else {
+        panic!("restart expected");
+    };
+    assert_eq!(resume, None);
+    assert!(
+        reason.ends_with("starting over from step 0 (no checkpoint committed yet)"),
+        "{reason}"
+    );
+    // A job submitted with --resume and no checkpoint since goes back to its submitted point.
+    let submitted = pb::ResumePoint {
+        dir: "/old/step-00000003".into(),
+        step: 2,
+        ledger: Some(ledger_after(2)),
+    };
+    let mut job = stored(3, 0, None);
+    job.spec.as_mut().unwrap().resume = Some(submitted.clone());
+    let Decision::Restart { resume, reason } = decide(&job, &lost()) else {
+        panic!("restart expected");
+    };
+    assert_eq!(resume, Some(submitted));
+    assert!(reason.contains("resuming again from the checkpoint after step 2 (step-00000003)"));
+    // A MoE checkpoint whose ledger is unknown cannot be resumed from; the reason says why.
+    let Decision::Restart { resume, reason } =
+        decide(&stored(3, 0, Some(checkpoint(5, None))), &lost())
+    else {
+        panic!("restart expected");
+    };
+    assert_eq!(resume, None);
+    assert!(
+        reason.contains("starting over from step 0 (the checkpoint after step 5 cannot be resumed from: the checkpoint in /c/step-00000006 carries")
+            && reason.contains("no routing-bias ledger"),
+        "{reason}"
+    );
+}
+
+#[test]
+fn a_used_up_or_zero_budget_fails_with_the_original_reason() {
+    let ckpt = Some(checkpoint(3, Some(ledger_after(3))));
+    assert_eq!(
+        decide(&stored(0, 0, ckpt.clone()), &lost()),
+        Decision::Fail {
+            reason: LOST.into()
+        }
+    );
+    let Decision::Fail { reason } = decide(&stored(2, 2, ckpt), &lost()) else {
+        panic!("the budget of 2 is used up");
+    };
+    assert_eq!(
+        reason,
+        format!(
+            "{LOST}; not restarted: the restart budget (spec.faultTolerance.restartBudget 2) is used up after 2 restarts"
+        )
+    );
+}
+
+#[test]
+fn only_failures_a_restart_can_fix_restart_the_job() {
+    let restart = |kind: &str, reason: &str| {
+        matches!(
+            decide(&stored(3, 0, None), &Failure { kind, reason }),
+            Decision::Restart { .. }
+        )
+    };
+    // Lost workers and ranks that failed on a peer, a timeout, IO or a panic restart.
+    assert!(restart(recovery::WORKER_LOST, LOST));
+    assert!(restart(recovery::RANK_FAILED, PEER));
+    for why in [
+        "rank 1 failed on worker w1: step 4: no routing bias for step 3 from the coordinator within 30s",
+        "rank 1 failed on worker w1: step 5: checkpoint: writing the checkpoint part /c/x: No space left on device",
+        "rank 1 failed on worker w1: the compute thread panicked: index out of bounds",
+        "rank 1 failed on worker w1: worker w1 shut down",
+    ] {
+        assert!(restart(recovery::RANK_FAILED, why), "{why}");
+    }
+    // Deterministic failures never restart, and keep their reason.
+    for (kind, why) in [
+        (
+            recovery::RANK_FAILED,
+            "rank 0 failed on worker w0: step 6: non-finite gradient norm at step 6",
+        ),
+        (
+            recovery::RANK_FAILED,
+            "rank 0 failed on worker w0: resuming from /c/step-00000004: sha256 mismatch",
+        ),
+        (
+            recovery::RANK_FAILED,
+            "rank 0 failed on worker w0: the coordinator sent the routing bias after step 3 again, and it differs from the one received first: layer 1",
+        ),
+        (
+            "BiasChecksumMismatch",
+            "bias checksum mismatch at step 4: rank 1",
+        ),
+        (
+            "RankRejected",
+            "rank 1 rejected its assignment on worker w1",
+        ),
+        ("BalanceFailed", "cannot start the routing-bias ledger"),
+        (
+            "BalanceLost",
+            "the coordinator restarted and cannot rebuild",
+        ),
+    ] {
+        assert!(!restartable(kind, why), "{kind}: {why}");
+        assert_eq!(
+            decide(&stored(3, 0, None), &Failure { kind, reason: why }),
+            Decision::Fail { reason: why.into() }
+        );
+    }
+    // Only a placed job restarts.
+    let mut pending = stored(3, 0, None);
+    pending.phase = pb::JobPhase::Pending as i32;
+    assert!(matches!(decide(&pending, &lost()), Decision::Fail { .. }));
+}
+
+#[test]
+fn a_restarted_job_is_held_back_for_two_heartbeat_intervals() {
+    let config = Config::default();
+    let mut job = JobEntry {
+        stored: stored(3, 1, None),
+        ..Default::default()
+    };
+    job.stored.transitions = vec![
+        pb::JobTransition {
+            from: pb::JobPhase::Unspecified as i32,
+            to: pb::JobPhase::Pending as i32,
+            unix_ms: T0 - 10_000,
+            reason: "submitted".into(),
+        },
+        pb::JobTransition {
+            from: pb::JobPhase::Running as i32,
+            to: pb::JobPhase::Pending as i32,
+            unix_ms: T0,
+            reason: "restart 1 of 3".into(),
+        },
+    ];
+    let hold = hold_ms(&job.spec(), &config);
+    assert_eq!(hold, 2000, "twice the coordinator's heartbeat interval");
+    assert!(held_back(&job, T0, &config));
+    assert!(held_back(&job, T0 + hold - 1, &config));
+    assert!(!held_back(&job, T0 + hold, &config));
+    // A job's own heartbeat interval counts, but never less than a second.
+    job.stored.spec.as_mut().unwrap().heartbeat_interval_ms = 700;
+    assert_eq!(hold_ms(&job.spec(), &config), 1400);
+    job.stored.spec.as_mut().unwrap().heartbeat_interval_ms = 200;
+    assert_eq!(hold_ms(&job.spec(), &config), 1000);
+    // A job never restarted is not held back.
+    job.stored.restarts = 0;
+    assert!(!held_back(&job, T0, &config));
+}
+
+// Through the core.
+
+fn submit(core: &mut Core, spec: pb::JobSpec) {
+    core.handle(
+        Event::Submit(Box::new(Submission {
+            spec,
+            manifest_yaml: "apiVersion: moetrain/v1".into(),
+            overrides: vec![],
+            origin: "test.yaml".into(),
+        })),
+        T0,
+    )
+    .expect("submit");
+}
+
+fn register(core: &mut Core, i: u32) -> Vec<Action> {
+    core.handle(
+        Event::Register {
+            reg: Registration {
+                worker_id: format!("w{i}"),
+                node: "n".into(),
+                devices: vec![pb::Device {
+                    kind: pb::DeviceKind::Cpu as i32,
+                    index: i,
+                    memory_bytes: 1 << 30,
+                    data_plane_addr: String::new(),
+                }],
+                data_plane_addr: format!("127.0.0.1:{}", 9200 + i),
+            },
+            session: 1,
+        },
+        T0,
+    )
+    .expect("register")
+}
+
+fn assignments(acts: &[Action]) -> Vec<(String, pb::Assignment)> {
+    acts.iter()
+        .filter_map(|a| match a {
+            Action::Send { worker, msg } => match &msg.msg {
+                Some(pb::coordinator_message::Msg::Assignment(a)) => {
+                    Some((worker.clone(), a.clone()))
+                }
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
+}
+
+fn stops(acts: &[Action]) -> Vec<String> {
+    acts.iter()
+        .filter_map(|a| match a {
+            Action::Send { worker, msg } => match &msg.msg {
+                Some(pb::coordinator_message::Msg::Command(c))
+                    if c.kind == pb::CommandKind::Stop as i32 =>
+                {
+                    Some(worker.clone())
+                }
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
+}
+
+/// The worker holding each rank, in rank order.
+fn holders(core: &Core, job: &str) -> Vec<String> {
+    let mut ranks = core.state.jobs[job]
+        .stored
+        .placement
+        .as_ref()
+        .expect("placed")
+        .ranks
+        .clone();
+    ranks.sort_by_key(|r| r.rank);
+    ranks.into_iter().map(|r| r.worker_id).collect()
+}
+
+fn ready_all(core: &mut Core, job: &str, now: UnixMs) {
+    for (rank, worker) in holders(core, job).into_iter().enumerate() {
+        core.handle(
+            Event::Ack {
+                worker,
+                job: job.into(),
+                rank: rank as u32,
+                ready: true,
+                reason: String::new(),
+            },
+            now,
+        )
+        .expect("ack");
+    }
+}
+
+/// Both ranks report `step` routing with `bias`, which takes the coordinator's next bias.
+fn run_step(core: &mut Core, job: &str, step: u64, bias: &mut BTreeMap<u32, Vec<f32>>) {
+    let w = holders(core, job);
+    for rank in 0..2u32 {
+        let checksum = routing::rank_checksum(
+            LAYERS[rank as usize]
+                .iter()
+                .map(|l| (*l, bias[l].as_slice())),
+        );
+        let acts = core
+            .handle(
+                Event::StepReport {
+                    worker: w[rank as usize].clone(),
+                    report: Box::new(pb::StepReport {
+                        job: job.into(),
+                        rank,
+                        step,
+                        tokens: 100,
+                        step_seconds: 0.5,
+                        expert_counts: LAYERS[rank as usize]
+                            .iter()
+                            .map(|&layer| pb::ExpertCounts {
+                                layer,
+                                counts: (0..8u64)
+                                    .map(|e| (e * 3 + step + u64::from(layer)) % 7)
+                                    .collect(),
+                            })
+                            .collect(),
+                        bias_step: step.saturating_sub(1),
+                        bias_checksum: checksum,
+                        ..Default::default()
+                    }),
+                },
+                T0 + step,
+            )
+            .expect("step report");
+        for a in acts {
+            if let Action::Send { msg, .. } = a
+                && let Some(pb::coordinator_message::Msg::BiasUpdate(u)) = msg.msg
+            {
+                for l in u.layers {
+                    bias.insert(l.layer, l.values);
+                }
+            }
+        }
+    }
+    assert_eq!(
+        core.state.jobs[job].phase(),
+        pb::JobPhase::Running,
+        "step {step}"
+    );
+}
+
+/// Both ranks write their part of the checkpoint after `step`.
+fn write_checkpoint(core: &mut Core, job: &str, step: u64) {
+    for (rank, worker) in holders(core, job).into_iter().enumerate() {
+        let rank = rank as u32;
+        core.handle(
+            Event::CheckpointWritten {
+                worker,
+                written: Box::new(pb::CheckpointWritten {
+                    job: job.into(),
+                    rank,
+                    step,
+                    dir: format!("/c/step-{:08}", step + 1),
+                    files: vec![pb::CheckpointFile {
+                        path: format!("rank-{rank}/stage-{rank}/model.safetensors"),
+                        bytes: 1000,
+                        sha256: "0123456789abcdef".repeat(4),
+                    }],
+                }),
+            },
+            T0 + 100 + step,
+        )
+        .expect("checkpoint part");
+    }
+}
+
+/// Keeps every worker but `except` alive at `now`, then ticks.
+fn tick(core: &mut Core, now: UnixMs, except: &str) -> Vec<Action> {
+    let ids: Vec<String> = core.state.workers.keys().cloned().collect();
+    for id in ids.iter().filter(|id| *id != except) {
+        core.heartbeat(id, now).expect("heartbeat");
+    }
+    core.handle(Event::Tick, now).expect("tick")
+}
+
+/// A job of [`spec`] placed on w0 and w1 with w2 idle, trained 5 steps with checkpoints after
+/// steps 1 and 3. Returns the bias after step 3 and the holder of rank 1.
+fn trained(core: &mut Core, budget: u32) -> (BTreeMap<u32, Vec<f32>>, String) {
+    submit(core, spec("j", budget));
+    register(core, 0);
+    register(core, 1);
+    register(core, 2);
+    assert_eq!(core.state.jobs["j"].phase(), pb::JobPhase::Scheduled);
+    ready_all(core, "j", T0);
+    let mut bias: BTreeMap<u32, Vec<f32>> = (1..=4).map(|l| (l, vec![0.0; 8])).collect();
+    let mut after_3 = BTreeMap::new();
+    for step in 0..5 {
+        run_step(core, "j", step, &mut bias);
+        if step % 2 == 1 {
+            write_checkpoint(core, "j", step);
+        }
+        if step == 3 {
+            after_3 = bias.clone();
+        }
+    }
+    let victim = holders(core, "j")[1].clone();
+    (after_3, victim)
+}
+
+#[test]
+fn a_lost_worker_restarts_the_job_on_the_spare_from_the_last_checkpoint() {
+    let mut core = Core::new(Config::default());
+    let (after_3, victim) = trained(&mut core, 3);
+    let spare = "w2";
+    assert!(!holders(&core, "j").contains(&spare.to_owned()));
+    // The committed checkpoint carries the ledger after its step.
+    let last = core.state.jobs["j"]
+        .stored
+        .last_checkpoint
+        .clone()
+        .expect("checkpoint");
+    let ledger = last.ledger.clone().expect("the ledger after step 3");
+    assert_eq!(
+        (last.step, ledger.after_step, ledger.tokens_seen),
+        (3, 3, 400)
+    );
+    let saved: BTreeMap<u32, Vec<f32>> = ledger
+        .layers
+        .iter()
+        .map(|l| (l.layer, l.values.clone()))
+        .collect();
+    assert_eq!(saved, after_3);
+
+    // The victim falls silent; the others heartbeat. Past the failure timeout it is lost.
+    let mut was = holders(&core, "j");
+    was.sort();
+    let lost_at = T0 + 6_000;
+    let acts = tick(&mut core, lost_at, &victim);
+    let entry = &core.state.jobs["j"];
+    assert_eq!(entry.phase(), pb::JobPhase::Pending);
+    assert_eq!(entry.stored.restarts, 1);
+    let reason = &entry.stored.transitions.last().unwrap().reason;
+    assert!(
+        reason.starts_with(&format!(
+            "restart 1 of 3 after worker {victim} (rank 1) lost: silent for"
+        )) && reason.ends_with("; resuming from the checkpoint after step 3 (step-00000004)"),
+        "{reason}"
+    );
+    let kinds: Vec<&str> = entry.events.iter().map(|e| e.kind.as_str()).collect();
+    assert!(
+        kinds.ends_with(&["WorkerLost", "WorkersFreed", "JobRestarting"]),
+        "{kinds:?}"
+    );
+    let want = pb::ResumePoint {
+        dir: "/c/step-00000004".into(),
+        step: 3,
+        ledger: Some(ledger.clone()),
+    };
+    assert_eq!(entry.spec().resume, Some(want.clone()));
+    let p = entry.stored.progress.clone().unwrap();
+    assert_eq!(
+        (p.step, p.tokens),
+        (4, 400),
+        "progress back to the checkpoint"
+    );
+    // Every holder was told to stop (so it frees the device) and holds nothing now.
+    let mut stopped = stops(&acts);
+    stopped.sort();
+    assert_eq!(stopped, was);
+    assert!(
+        core.state
+            .workers
+            .values()
+            .all(|w| w.stored.held.is_empty())
+    );
+    assert!(core.state.assignments.is_empty());
+    // The restart is stored.
+    let put = acts.iter().rev().find_map(|a| match a {
+        Action::PutJob(j) => Some(j.clone()),
+        _ => None,
+    });
+    let put = put.expect("the job record is stored");
+    assert_eq!((put.restarts, put.phase), (1, pb::JobPhase::Pending as i32));
+    assert_eq!(put.spec.unwrap().resume, Some(want.clone()));
+    assert!(assignments(&acts).is_empty(), "held back, not placed yet");
+
+    // Within the hold nothing is placed; after it, the job goes to the spare and the survivor.
+    let acts = tick(&mut core, lost_at + 1_999, &victim);
+    assert!(assignments(&acts).is_empty());
+    let acts = tick(&mut core, lost_at + 2_000, &victim);
+    let sent = assignments(&acts);
+    assert_eq!(sent.len(), 2, "both ranks placed again");
+    assert!(
+        sent.iter().any(|(w, _)| w == spare),
+        "the spare gets a rank"
+    );
+    assert!(
+        sent.iter().all(|(w, _)| *w != victim),
+        "the lost worker gets none"
+    );
+    for (_, a) in &sent {
+        assert_eq!(a.resume, Some(want.clone()), "rank {}", a.rank);
+    }
+    assert!(
+        core.state
+            .workers
+            .values()
+            .all(|w| w.stored.held.iter().all(|h| h.next_step == 4))
+    );
+
+    // The second attempt runs from step 4 with the ledger of step 3, to the end.
+    ready_all(&mut core, "j", lost_at + 2_100);
+    assert_eq!(core.runtime["j"].finished, 4);
+    let mut bias = after_3;
+    for step in 4..10 {
+        run_step(&mut core, "j", step, &mut bias);
+    }
+    for (rank, worker) in holders(&core, "j").into_iter().enumerate() {
+        core.handle(
+            Event::RankFinished {
+                worker,
+                job: "j".into(),
+                rank: rank as u32,
+                ok: true,
+                reason: String::new(),
+            },
+            lost_at + 3_000,
+        )
+        .expect("rank finished");
+    }
+    let entry = &core.state.jobs["j"];
+    assert_eq!(entry.phase(), pb::JobPhase::Succeeded);
+    let p = entry.stored.progress.clone().unwrap();
+    assert_eq!((p.step, p.tokens), (10, 1000));
+    assert_eq!(entry.stored.restarts, 1);
+}
+
+#[test]
+fn a_budget_of_zero_fails_the_job_with_the_original_reason() {
+    let mut core = Core::new(Config::default());
+    let (_, victim) = trained(&mut core, 0);
+    tick(&mut core, T0 + 6_000, &victim);
+    let entry = &core.state.jobs["j"];
+    assert_eq!(entry.phase(), pb::JobPhase::Failed);
+    assert_eq!(entry.stored.restarts, 0);
+    let reason = &entry.stored.transitions.last().unwrap().reason;
+    let lost = entry
+        .events
+        .iter()
+        .find(|e| e.kind == "WorkerLost")
+        .expect("event");
+    assert_eq!(*reason, lost.message, "the original reason");
+    assert!(entry.events.iter().all(|e| e.kind != "JobRestarting"));
+}
+
+#[test]
+fn a_failed_rank_restarts_until_the_budget_is_used_up() {
+    let mut core = Core::new(Config::default());
+    let mut job = spec("j", 1);
+    job.checkpoint_dir.clear();
+    submit(&mut core, job);
+    for i in 0..3 {
+        register(&mut core, i);
+    }
+    ready_all(&mut core, "j", T0);
+    let mut bias: BTreeMap<u32, Vec<f32>> = (1..=4).map(|l| (l, vec![0.0; 8])).collect();
+    run_step(&mut core, "j", 0, &mut bias);
+    let w = holders(&core, "j");
+    let fail = |core: &mut Core, worker: &str, rank: u32, now| {
+        core.handle(
+            Event::RankFinished {
+                worker: worker.into(),
+                job: "j".into(),
+                rank,
+                ok: false,
+                reason: format!(
+                    "step 1: receiving from peer rank {}: the connection was closed",
+                    1 - rank
+                ),
+            },
+            now,
+        )
+    };
+    fail(&mut core, &w[0], 0, T0 + 10).expect("rank failed");
+    let entry = &core.state.jobs["j"];
+    assert_eq!(entry.phase(), pb::JobPhase::Pending);
+    let reason = &entry.stored.transitions.last().unwrap().reason;
+    assert_eq!(
+        *reason,
+        format!(
+            "restart 1 of 1 after rank 0 failed on worker {}: step 1: receiving from peer rank 1: the connection was closed; starting over from step 0 (no checkpoint committed yet)",
+            w[0]
+        )
+    );
+    assert_eq!(entry.spec().resume, None);
+    let p = entry.stored.progress.clone().unwrap();
+    assert_eq!((p.step, p.tokens), (0, 0));
+    // A late failure of the previous attempt's rank is refused: nobody holds it any more.
+    let late = fail(&mut core, &w[1], 1, T0 + 20);
+    assert!(matches!(late, Err(CoreError::NotHeld { .. })), "{late:?}");
+
+    let acts = tick(&mut core, T0 + 2_010, "");
+    assert_eq!(assignments(&acts).len(), 2);
+    assert!(assignments(&acts).iter().all(|(_, a)| a.resume.is_none()));
+    ready_all(&mut core, "j", T0 + 2_100);
+    assert_eq!(core.runtime["j"].finished, 0);
+    let w = holders(&core, "j");
+    fail(&mut core, &w[0], 0, T0 + 2_200).expect("rank failed");
+    let entry = &core.state.jobs["j"];
+    assert_eq!(entry.phase(), pb::JobPhase::Failed);
+    let reason = &entry.stored.transitions.last().unwrap().reason;
+    assert!(
+        reason.ends_with(
+            "not restarted: the restart budget (spec.faultTolerance.restartBudget 1) is used up after 1 restarts"
+        ),
+        "{reason}"
+    );
+    assert!(
+        core.state
+            .workers
+            .values()
+            .all(|w| w.stored.held.is_empty())
+    );
+}
