@@ -68,6 +68,16 @@ impl Mailbox {
         self.arrived.notify_all();
     }
 
+    /// The lowest-numbered lost peer and why it is lost, if any is.
+    pub(crate) fn first_lost(&self) -> Option<(usize, String)> {
+        let state = self.lock();
+        state
+            .lost
+            .iter()
+            .enumerate()
+            .find_map(|(peer, why)| why.clone().map(|w| (peer, w)))
+    }
+
     /// Why `peer` is lost, if it is.
     pub(crate) fn lost_reason(&self, peer: usize) -> Option<String> {
         self.lock().lost.get(peer).cloned().flatten()

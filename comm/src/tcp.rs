@@ -261,6 +261,17 @@ impl TcpDataPlane {
         self.inner.mailbox.pending()
     }
 
+    /// The lowest-numbered peer this rank has lost (its connection closed or broke, a dial or a
+    /// write failed) and the reason, while the plane is not shutting down; `None` when every peer
+    /// it talked to is fine. Lets a rank that is not receiving (it waits for the coordinator)
+    /// notice a dead peer at once instead of at its next receive.
+    pub fn lost_peer(&self) -> Option<(usize, String)> {
+        if self.inner.shutting_down.load(Ordering::SeqCst) {
+            return None;
+        }
+        self.inner.mailbox.first_lost()
+    }
+
     fn check_peer(&self, peer: usize) -> Result<()> {
         if peer >= self.inner.peers.len() {
             return Err(CommError::InvalidArgument(format!(
@@ -656,6 +667,28 @@ mod tests {
             )
             .unwrap();
         stream
+    }
+
+    /// A peer whose connection closes is reported by `lost_peer` without any receive pending
+    /// (what a rank waiting for the coordinator relies on); a plane shutting down reports none.
+    #[test]
+    fn a_closed_peer_is_reported_without_a_receive() {
+        let (plane, _fake) = solo(TcpConfig::default());
+        assert_eq!(plane.lost_peer(), None);
+        let stream = raw_peer(&plane, 0);
+        drop(stream);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let lost = loop {
+            if let Some(l) = plane.lost_peer() {
+                break l;
+            }
+            assert!(Instant::now() < deadline, "the closed peer was never reported");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert_eq!(lost.0, 1);
+        assert!(lost.1.contains("closed its connection"), "{}", lost.1);
+        plane.shutdown();
+        assert_eq!(plane.lost_peer(), None);
     }
 
     #[test]

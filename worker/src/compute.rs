@@ -12,7 +12,8 @@
 //! Invariants: every wait inside the thread is bounded (data-plane receives and collectives by the
 //! executor's timeouts; the bias wait by `bias_timeout`, counted again from each change of the
 //! daemon's session — lost, registered again — so a coordinator restart shorter than
-//! `bias_timeout` does not fail the rank, and by `BIAS_WAIT_CAP × bias_timeout` in all); a bias
+//! `bias_timeout` does not fail the rank, and by `BIAS_WAIT_CAP × bias_timeout` in all; a
+//! data-plane peer lost during the wait ends it at once with the peer's reason); a bias
 //! update for a step already received must be identical to the first (the coordinator re-sends
 //! and recomputes after a resume or a restart), else the rank fails naming the difference;
 //! stopping a rank sets its stop flag and
@@ -464,7 +465,7 @@ impl Env<'_> {
             }
             let waited = Instant::now();
             if step > first && balanced {
-                let update = self.wait_bias(step - 1, &mut early)?;
+                let update = self.wait_bias(step - 1, &mut early, &plane)?;
                 install_bias(&mut compute, &update, &moe_layers)
                     .map_err(|e| format!("step {step}: the coordinator's bias: {e}"))?;
             }
@@ -567,7 +568,7 @@ impl Env<'_> {
             }
             let waited = Instant::now();
             if step > first && balanced {
-                let update = self.wait_bias(step - 1, &mut early)?;
+                let update = self.wait_bias(step - 1, &mut early, &plane)?;
                 for l in update.layers {
                     if let Some(b) = bias.get_mut(&l.layer) {
                         *b = l.values;
@@ -642,11 +643,14 @@ impl Env<'_> {
     /// bounded by `bias_timeout` from the latest of the wait's start and the last change of the
     /// session, and by [`BIAS_WAIT_CAP`] `× bias_timeout` in all. `kept` holds the updates
     /// received, by step: the last [`BIAS_KEPT`] installed ones (a re-sent update is checked
-    /// against them) and those that arrived early.
+    /// against them) and those that arrived early. A data-plane peer lost meanwhile fails the
+    /// wait at once, naming it: the next step could not run without it, and the coordinator
+    /// would otherwise learn of the loss only from liveness.
     fn wait_bias(
         &self,
         after: u64,
         kept: &mut BTreeMap<u64, pb::BiasUpdate>,
+        plane: &TcpDataPlane,
     ) -> Result<pb::BiasUpdate, String> {
         let limit = self.settings.bias_timeout;
         let started = Instant::now();
@@ -658,6 +662,12 @@ impl Env<'_> {
             }
             if self.stop.load(Ordering::SeqCst) {
                 return Err("stopped".into());
+            }
+            if let Some((peer, why)) = plane.lost_peer() {
+                return Err(format!(
+                    "step {}: while waiting for the routing bias of step {after}, data-plane peer {peer} was lost: {why}",
+                    after + 1
+                ));
             }
             let (up, since) = self.settings.link.state();
             let deadline = (since.max(started) + limit).min(cap);

@@ -1080,12 +1080,62 @@ async fn a_rank_waiting_for_a_coordinator_that_stays_away_fails_with_the_reason(
             reasons.push(f.reason);
         }
     }
+    // The first rank to give up says why; its peer either gives up the same way or, when the
+    // first one's data plane closed before its own bound ran out, names that lost peer.
+    let gave_up = |r: &String| {
+        r.contains("no routing bias for step 0")
+            && r.contains("the coordinator has been unreachable for")
+    };
+    assert!(reasons.iter().any(gave_up), "{reasons:?}");
     assert!(
         reasons
             .iter()
-            .all(|r| r.contains("no routing bias for step 0")
-                && r.contains("the coordinator has been unreachable for")),
+            .all(|r| gave_up(r) || r.contains("data-plane peer")),
         "{reasons:?}"
+    );
+    stop_workers(stops, workers).await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rank_waiting_for_the_bias_fails_at_once_when_its_peer_is_lost() {
+    // A bias timeout far longer than the test: only the lost peer can end rank 0's wait.
+    let (fake, mut seen) = fake();
+    let server = Server::start(fake, "127.0.0.1:0".parse().unwrap()).await;
+    let (mut stops, mut workers, _) =
+        two_ranks(&server, &mut seen, 3, Duration::from_secs(60), None).await;
+    let mut step0 = 0;
+    while step0 < 2 {
+        if let Seen::Up(Up::StepReport(_)) = next_event(&mut seen).await {
+            step0 += 1;
+        }
+    }
+    // Both ranks now wait for the bias after step 0, which never comes; worker 1 goes away.
+    let started = std::time::Instant::now();
+    let _ = stops.pop().unwrap().send(());
+    tokio::time::timeout(Duration::from_secs(10), workers.pop().unwrap())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let failed = loop {
+        match next_event(&mut seen).await {
+            Seen::Up(Up::RankFinished(f)) if f.rank == 0 => break f,
+            _ => {}
+        }
+    };
+    assert!(!failed.ok);
+    assert!(
+        failed
+            .reason
+            .contains("while waiting for the routing bias of step 0, data-plane peer 1 was lost"),
+        "{}",
+        failed.reason
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "rank 0 noticed after {:?}",
+        started.elapsed()
     );
     stop_workers(stops, workers).await;
     server.stop().await;
