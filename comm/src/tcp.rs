@@ -682,7 +682,10 @@ mod tests {
             if let Some(l) = plane.lost_peer() {
                 break l;
             }
-            assert!(Instant::now() < deadline, "the closed peer was never reported");
+            assert!(
+                Instant::now() < deadline,
+                "the closed peer was never reported"
+            );
             std::thread::sleep(Duration::from_millis(10));
         };
         assert_eq!(lost.0, 1);

@@ -233,6 +233,9 @@ pub struct JobView {
     pub progress: Option<ProgressView>,
     /// The latest checkpoint every rank wrote.
     pub last_checkpoint: Option<CheckpointView>,
+    /// Automatic restarts done so far and allowed in all.
+    pub restarts: u32,
+    pub restart_budget: u32,
 }
 
 /// A complete checkpoint.
@@ -313,6 +316,8 @@ impl From<&pb::Job> for JobView {
                 ranks: c.ranks,
                 bytes: c.bytes,
             }),
+            restarts: j.restarts,
+            restart_budget: j.restart_budget,
         }
     }
 }

@@ -91,6 +91,11 @@ pub fn describe_text(d: &cc::DescribeView) -> String {
             j.schedule, j.micro_batches
         );
         let _ = writeln!(s, "Ready ranks:   {}/{}", j.ready_ranks, j.world_size);
+        let _ = writeln!(
+            s,
+            "Restarts:      {} of {} allowed",
+            j.restarts, j.restart_budget
+        );
         match &j.progress {
             Some(p) if p.step > 0 => {
                 let _ = writeln!(

@@ -618,7 +618,9 @@ async fn follow(
     }
     let phase = pb::JobPhase::try_from(final_job.phase).unwrap_or(pb::JobPhase::Unspecified);
     let summary = summary(plan, &steps, &final_job, wall_s, interrupted);
-    write_summary(&summary, restarts.len(), &plan.summary)
+    // The coordinator's count is the authority; the reasons were printed as they came.
+    let restart_count = final_job.restarts as usize;
+    write_summary(&summary, restart_count, &plan.summary)
         .with_context(|| format!("writing {}", plan.summary.display()))?;
     let first = steps.first().and_then(total);
     println!(
@@ -626,7 +628,7 @@ async fn follow(
         phase.name(),
         steps.len(),
         plan.precision,
-        match restarts.len() {
+        match restart_count {
             0 => String::new(),
             1 => " and 1 restart".to_owned(),
             n => format!(" and {n} restarts"),

@@ -130,6 +130,8 @@ pub fn job_summary(entry: &JobEntry) -> pb::Job {
         progress: s.progress.clone(),
         device_kind: spec.device_kind,
         last_checkpoint: s.last_checkpoint.clone(),
+        restarts: s.restarts,
+        restart_budget: spec.restart_budget,
     }
 }
 
