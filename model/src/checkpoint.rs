@@ -419,6 +419,55 @@ pub fn verify(dir: &Path) -> Result<Manifest> {
     Ok(manifest)
 }
 
+/// Reads every tensor of the model file at `mpath` into `params` and `bias` (shapes checked
+/// against theirs) and checks that nothing is missing: every parameter and every MoE layer's
+/// routing bias must be in the file exactly once. `unknown` says why a tensor that is not one of
+/// `params` is refused; `owner` names what has the MoE layers in the message on a bias count
+/// mismatch. On error `params` and `bias` may be partly written.
+fn read_model_file(
+    mpath: &Path,
+    params: &mut ParamStore<f32>,
+    bias: &mut RoutingBias,
+    unknown: &str,
+    owner: &str,
+) -> Result<()> {
+    let mut seen = vec![false; params.len()];
+    let mut bias_seen = 0usize;
+    for_each_tensor(mpath, |name, dtype, shape, bytes| {
+        let values = decode_exact_f32(mpath, name, dtype, bytes)?;
+        if let Some(layer) = RoutingBias::layer_of(name) {
+            let dst = bias
+                .get_mut(layer)
+                .ok_or_else(|| param_err(name, "routing bias of a layer that is not MoE"))?;
+            check_shape(name, shape, &[dst.len()])?;
+            dst.copy_from_slice(&values);
+            bias_seen += 1;
+            return Ok(());
+        }
+        let id = params.id(name).ok_or_else(|| param_err(name, unknown))?;
+        check_shape(name, shape, &params.entry(id).shape.clone())?;
+        params.slice_mut(id).copy_from_slice(&values);
+        seen[id.0] = true;
+        Ok(())
+    })?;
+    if let Some(i) = seen.iter().position(|s| !s) {
+        return Err(param_err(
+            &params.entries()[i].name,
+            &format!("missing from {}", mpath.display()),
+        ));
+    }
+    if bias_seen != bias.layer_ids().len() {
+        return Err(invalid(
+            mpath,
+            format!(
+                "has {bias_seen} routing biases, {owner} has {} MoE layers",
+                bias.layer_ids().len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Loads and verifies a checkpoint written by [`save`].
 pub fn load(dir: &Path) -> Result<Checkpoint> {
     let _span = tracing::info_span!("checkpoint_load", dir = %dir.display()).entered();
@@ -440,42 +489,13 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
     let mut params = ParamStore::zeros(&config);
     let mut bias = RoutingBias::zeros(&config);
     let mpath = dir.join(MODEL_FILE);
-    let mut seen = vec![false; params.len()];
-    let mut bias_seen = 0usize;
-    for_each_tensor(&mpath, |name, dtype, shape, bytes| {
-        let values = decode_exact_f32(&mpath, name, dtype, bytes)?;
-        if let Some(layer) = RoutingBias::layer_of(name) {
-            let dst = bias
-                .get_mut(layer)
-                .ok_or_else(|| param_err(name, "routing bias of a layer that is not MoE"))?;
-            check_shape(name, shape, &[dst.len()])?;
-            dst.copy_from_slice(&values);
-            bias_seen += 1;
-            return Ok(());
-        }
-        let id = params
-            .id(name)
-            .ok_or_else(|| param_err(name, "not a parameter of this config"))?;
-        check_shape(name, shape, &params.entry(id).shape.clone())?;
-        params.slice_mut(id).copy_from_slice(&values);
-        seen[id.0] = true;
-        Ok(())
-    })?;
-    if let Some(i) = seen.iter().position(|s| !s) {
-        return Err(param_err(
-            &params.entries()[i].name,
-            &format!("missing from {}", mpath.display()),
-        ));
-    }
-    if bias_seen != bias.layer_ids().len() {
-        return Err(invalid(
-            &mpath,
-            format!(
-                "has {bias_seen} routing biases, the config has {} MoE layers",
-                bias.layer_ids().len()
-            ),
-        ));
-    }
+    read_model_file(
+        &mpath,
+        &mut params,
+        &mut bias,
+        "not a parameter of this config",
+        "the config",
+    )?;
 
     let moments = if manifest.files.contains_key(OPTIMIZER_FILE) {
         Some(load_moments(&dir.join(OPTIMIZER_FILE), &params, &state)?)
@@ -528,45 +548,13 @@ pub fn load_part(
     let mpath = dir.join(MODEL_FILE);
     let mut new_params = params.clone();
     let mut new_bias = bias.clone();
-    let mut seen = vec![false; new_params.len()];
-    let mut bias_seen = 0usize;
-    for_each_tensor(&mpath, |name, dtype, shape, bytes| {
-        let values = decode_exact_f32(&mpath, name, dtype, bytes)?;
-        if let Some(layer) = RoutingBias::layer_of(name) {
-            let dst = new_bias
-                .get_mut(layer)
-                .ok_or_else(|| param_err(name, "routing bias of a layer that is not MoE"))?;
-            check_shape(name, shape, &[dst.len()])?;
-            dst.copy_from_slice(&values);
-            bias_seen += 1;
-            return Ok(());
-        }
-        let id = new_params.id(name).ok_or_else(|| {
-            param_err(
-                name,
-                "not a parameter of this rank's stage (the part was written with another parallel layout)",
-            )
-        })?;
-        check_shape(name, shape, &new_params.entry(id).shape.clone())?;
-        new_params.slice_mut(id).copy_from_slice(&values);
-        seen[id.0] = true;
-        Ok(())
-    })?;
-    if let Some(i) = seen.iter().position(|s| !s) {
-        return Err(param_err(
-            &new_params.entries()[i].name,
-            &format!("missing from {}", mpath.display()),
-        ));
-    }
-    if bias_seen != new_bias.layer_ids().len() {
-        return Err(invalid(
-            &mpath,
-            format!(
-                "has {bias_seen} routing biases, the model has {} MoE layers",
-                new_bias.layer_ids().len()
-            ),
-        ));
-    }
+    read_model_file(
+        &mpath,
+        &mut new_params,
+        &mut new_bias,
+        "not a parameter of this rank's stage (the part was written with another parallel layout)",
+        "the model",
+    )?;
 
     let opath = dir.join(OPTIMIZER_FILE);
     let adam_steps = read_metadata(&opath)?

@@ -303,13 +303,17 @@ impl BiasLedger {
         Some(LedgerState {
             after_step,
             tokens_seen: self.tokens_seen,
-            layers: self
-                .layer_ids
-                .iter()
-                .copied()
-                .zip(self.bias.iter().cloned())
-                .collect(),
+            layers: self.layer_biases(),
         })
+    }
+
+    /// (layer, bias) for every MoE layer, ascending layer id.
+    fn layer_biases(&self) -> Vec<(u32, Vec<f32>)> {
+        self.layer_ids
+            .iter()
+            .copied()
+            .zip(self.bias.iter().cloned())
+            .collect()
     }
 
     fn layer_index(&self, layer: u32) -> Option<usize> {
@@ -589,12 +593,7 @@ impl BiasLedger {
         BiasBroadcast {
             step,
             gamma,
-            layers: self
-                .layer_ids
-                .iter()
-                .copied()
-                .zip(self.bias.iter().cloned())
-                .collect(),
+            layers: self.layer_biases(),
         }
     }
 }

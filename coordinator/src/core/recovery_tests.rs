@@ -5,45 +5,21 @@
 //! budget of 0 fails the job with the original reason; a used-up budget names itself.
 
 use super::recovery::{Decision, Failure, decide, held_back, hold_ms, restartable};
+use super::resume_tests::{holders, ready_all, register, run_step, written};
 use super::*;
 use crate::Config;
 
 const T0: UnixMs = 3_000_000;
 
-/// A 1F1B job over two pipeline ranks of a 4-layer MoE model (rank 0 routes layer 1, rank 1
-/// layers 2, 3 and the MTP layer 4), 8 experts, 10 steps of 100 tokens, a checkpoint every 2
-/// steps into `/c`, restart budget `budget`, one spare worker.
+/// The resume tests' MoE job (two pipeline ranks, 8 experts, 10 steps of 100 tokens, a
+/// checkpoint every 2 steps into `/c`) with restart budget `budget` and one spare worker.
 fn spec(name: &str, budget: u32) -> pb::JobSpec {
     pb::JobSpec {
-        name: name.into(),
-        pipeline: 2,
-        data: 1,
-        expert: 1,
-        schedule: "1f1b".into(),
-        micro_batches: 4,
-        steps: 10,
-        n_routed_experts: 8,
-        n_group: 4,
-        device_kind: pb::DeviceKind::Cpu as i32,
-        balance: Some(pb::BalanceSpec {
-            num_hidden_layers: 4,
-            first_k_dense_replace: 1,
-            moe_layer_freq: 1,
-            mtp_depth: 1,
-            rate: 0.5,
-            stop_after_tokens: None,
-            subtract_mean: false,
-            tokens_per_step: 100,
-        }),
-        checkpoint_dir: "/c".into(),
-        checkpoint_interval: 2,
         restart_budget: budget,
         spare_workers: 1,
-        ..Default::default()
+        ..super::resume_tests::moe_spec(name)
     }
 }
-
-const LAYERS: [&[u32]; 2] = [&[1], &[2, 3, 4]];
 
 fn ledger_after(step: u64) -> pb::LedgerSnapshot {
     pb::LedgerSnapshot {
@@ -289,27 +265,6 @@ fn submit(core: &mut Core, spec: pb::JobSpec) {
     .expect("submit");
 }
 
-fn register(core: &mut Core, i: u32) -> Vec<Action> {
-    core.handle(
-        Event::Register {
-            reg: Registration {
-                worker_id: format!("w{i}"),
-                node: "n".into(),
-                devices: vec![pb::Device {
-                    kind: pb::DeviceKind::Cpu as i32,
-                    index: i,
-                    memory_bytes: 1 << 30,
-                    data_plane_addr: String::new(),
-                }],
-                data_plane_addr: format!("127.0.0.1:{}", 9200 + i),
-            },
-            session: 1,
-        },
-        T0,
-    )
-    .expect("register")
-}
-
 fn assignments(acts: &[Action]) -> Vec<(String, pb::Assignment)> {
     acts.iter()
         .filter_map(|a| match a {
@@ -340,106 +295,13 @@ fn stops(acts: &[Action]) -> Vec<String> {
         .collect()
 }
 
-/// The worker holding each rank, in rank order.
-fn holders(core: &Core, job: &str) -> Vec<String> {
-    let mut ranks = core.state.jobs[job]
-        .stored
-        .placement
-        .as_ref()
-        .expect("placed")
-        .ranks
-        .clone();
-    ranks.sort_by_key(|r| r.rank);
-    ranks.into_iter().map(|r| r.worker_id).collect()
-}
-
-fn ready_all(core: &mut Core, job: &str, now: UnixMs) {
-    for (rank, worker) in holders(core, job).into_iter().enumerate() {
-        core.handle(
-            Event::Ack {
-                worker,
-                job: job.into(),
-                rank: rank as u32,
-                ready: true,
-                reason: String::new(),
-            },
-            now,
-        )
-        .expect("ack");
-    }
-}
-
-/// Both ranks report `step` routing with `bias`, which takes the coordinator's next bias.
-fn run_step(core: &mut Core, job: &str, step: u64, bias: &mut BTreeMap<u32, Vec<f32>>) {
-    let w = holders(core, job);
-    for rank in 0..2u32 {
-        let checksum = routing::rank_checksum(
-            LAYERS[rank as usize]
-                .iter()
-                .map(|l| (*l, bias[l].as_slice())),
-        );
-        let acts = core
-            .handle(
-                Event::StepReport {
-                    worker: w[rank as usize].clone(),
-                    report: Box::new(pb::StepReport {
-                        job: job.into(),
-                        rank,
-                        step,
-                        tokens: 100,
-                        step_seconds: 0.5,
-                        expert_counts: LAYERS[rank as usize]
-                            .iter()
-                            .map(|&layer| pb::ExpertCounts {
-                                layer,
-                                counts: (0..8u64)
-                                    .map(|e| (e * 3 + step + u64::from(layer)) % 7)
-                                    .collect(),
-                            })
-                            .collect(),
-                        bias_step: step.saturating_sub(1),
-                        bias_checksum: checksum,
-                        ..Default::default()
-                    }),
-                },
-                T0 + step,
-            )
-            .expect("step report");
-        for a in acts {
-            if let Action::Send { msg, .. } = a
-                && let Some(pb::coordinator_message::Msg::BiasUpdate(u)) = msg.msg
-            {
-                for l in u.layers {
-                    bias.insert(l.layer, l.values);
-                }
-            }
-        }
-    }
-    assert_eq!(
-        core.state.jobs[job].phase(),
-        pb::JobPhase::Running,
-        "step {step}"
-    );
-}
-
 /// Both ranks write their part of the checkpoint after `step`.
 fn write_checkpoint(core: &mut Core, job: &str, step: u64) {
     for (rank, worker) in holders(core, job).into_iter().enumerate() {
-        let rank = rank as u32;
         core.handle(
             Event::CheckpointWritten {
                 worker,
-                written: Box::new(pb::CheckpointWritten {
-                    job: job.into(),
-                    rank,
-                    step,
-                    dir: format!("/c/step-{:08}", step + 1),
-                    files: vec![pb::CheckpointFile {
-                        path: format!("rank-{rank}/stage-{rank}/model.safetensors"),
-                        bytes: 1000,
-                        sha256: "0123456789abcdef".repeat(4),
-                    }],
-                }),
+                written: Box::new(written(job, rank as u32, step)),
             },
             T0 + 100 + step,
         )
@@ -468,7 +330,7 @@ fn trained(core: &mut Core, budget: u32) -> (BTreeMap<u32, Vec<f32>>, String) {
     let mut bias: BTreeMap<u32, Vec<f32>> = (1..=4).map(|l| (l, vec![0.0; 8])).collect();
     let mut after_3 = BTreeMap::new();
     for step in 0..5 {
-        run_step(core, "j", step, &mut bias);
+        run_step(core, "j", step, &mut bias, T0 + step);
         if step % 2 == 1 {
             write_checkpoint(core, "j", step);
         }
@@ -586,7 +448,7 @@ fn a_lost_worker_restarts_the_job_on_the_spare_from_the_last_checkpoint() {
     assert_eq!(core.runtime["j"].finished, 4);
     let mut bias = after_3;
     for step in 4..10 {
-        run_step(&mut core, "j", step, &mut bias);
+        run_step(&mut core, "j", step, &mut bias, T0 + step);
     }
     for (rank, worker) in holders(&core, "j").into_iter().enumerate() {
         core.handle(
@@ -637,7 +499,7 @@ fn a_failed_rank_restarts_until_the_budget_is_used_up() {
     }
     ready_all(&mut core, "j", T0);
     let mut bias: BTreeMap<u32, Vec<f32>> = (1..=4).map(|l| (l, vec![0.0; 8])).collect();
-    run_step(&mut core, "j", 0, &mut bias);
+    run_step(&mut core, "j", 0, &mut bias, T0);
     let w = holders(&core, "j");
     let fail = |core: &mut Core, worker: &str, rank: u32, now| {
         core.handle(

@@ -8,34 +8,14 @@ use crate::Config;
 
 const T0: UnixMs = 2_000_000;
 
-/// A 1F1B job over two pipeline ranks of a 4-layer model (layer 0 dense, one MTP layer): rank 0
-/// routes layer 1, rank 1 layers 2, 3 and the MTP layer 4. γ = 0.5, 8 experts, 10 steps,
-/// 100 tokens per step, a checkpoint every 2 steps into `/c`.
-fn moe_spec(name: &str) -> pb::JobSpec {
+/// The core tests' MoE job (1F1B over two pipeline ranks of a 4-layer model, layer 0 dense, one
+/// MTP layer: rank 0 routes layer 1, rank 1 layers 2, 3 and the MTP layer 4; γ = 0.5, 8 experts,
+/// 10 steps, 100 tokens per step) with a checkpoint every 2 steps into `/c`.
+pub(super) fn moe_spec(name: &str) -> pb::JobSpec {
     pb::JobSpec {
-        name: name.into(),
-        pipeline: 2,
-        data: 1,
-        expert: 1,
-        schedule: "1f1b".into(),
-        micro_batches: 4,
-        steps: 10,
-        n_routed_experts: 8,
-        n_group: 4,
-        device_kind: pb::DeviceKind::Cpu as i32,
-        balance: Some(pb::BalanceSpec {
-            num_hidden_layers: 4,
-            first_k_dense_replace: 1,
-            moe_layer_freq: 1,
-            mtp_depth: 1,
-            rate: 0.5,
-            stop_after_tokens: None,
-            subtract_mean: false,
-            tokens_per_step: 100,
-        }),
         checkpoint_dir: "/c".into(),
         checkpoint_interval: 2,
-        ..Default::default()
+        ..super::tests::moe_spec(name)
     }
 }
 
@@ -77,31 +57,31 @@ fn submit(core: &mut Core, spec: pb::JobSpec) -> Result<Vec<Action>, CoreError> 
     )
 }
 
+/// Registers worker `w{i}` with one CPU device (index `i`) at `T0`.
+pub(super) fn register(core: &mut Core, i: u32) -> Vec<Action> {
+    core.handle(
+        Event::Register {
+            reg: Registration {
+                worker_id: format!("w{i}"),
+                node: "n".into(),
+                devices: vec![pb::Device {
+                    kind: pb::DeviceKind::Cpu as i32,
+                    index: i,
+                    memory_bytes: 1 << 30,
+                    data_plane_addr: String::new(),
+                }],
+                data_plane_addr: format!("127.0.0.1:{}", 9100 + i),
+            },
+            session: 1,
+        },
+        T0,
+    )
+    .expect("register")
+}
+
 /// Registers two single-device workers; returns the assignments they were sent.
 fn place(core: &mut Core) -> Vec<pb::Assignment> {
-    let mut acts = Vec::new();
-    for i in 0..2u32 {
-        acts.extend(
-            core.handle(
-                Event::Register {
-                    reg: Registration {
-                        worker_id: format!("w{i}"),
-                        node: "n".into(),
-                        devices: vec![pb::Device {
-                            kind: pb::DeviceKind::Cpu as i32,
-                            index: i,
-                            memory_bytes: 1 << 30,
-                            data_plane_addr: String::new(),
-                        }],
-                        data_plane_addr: format!("127.0.0.1:{}", 9100 + i),
-                    },
-                    session: 1,
-                },
-                T0,
-            )
-            .expect("register"),
-        );
-    }
+    let acts: Vec<Action> = (0..2).flat_map(|i| register(core, i)).collect();
     acts.iter()
         .filter_map(|a| match a {
             Action::Send { msg, .. } => match &msg.msg {
@@ -114,19 +94,20 @@ fn place(core: &mut Core) -> Vec<pb::Assignment> {
 }
 
 /// The worker holding each rank, in rank order.
-fn holders(core: &Core, job: &str) -> Vec<String> {
-    core.state.jobs[job]
+pub(super) fn holders(core: &Core, job: &str) -> Vec<String> {
+    let mut ranks = core.state.jobs[job]
         .stored
         .placement
         .as_ref()
         .expect("placed")
         .ranks
-        .iter()
-        .map(|r| r.worker_id.clone())
-        .collect()
+        .clone();
+    ranks.sort_by_key(|r| r.rank);
+    ranks.into_iter().map(|r| r.worker_id).collect()
 }
 
-fn ready_all(core: &mut Core, job: &str) {
+/// Every rank of `job` acknowledges its assignment READY at `now`.
+pub(super) fn ready_all(core: &mut Core, job: &str, now: UnixMs) {
     for (rank, worker) in holders(core, job).into_iter().enumerate() {
         core.handle(
             Event::Ack {
@@ -136,7 +117,7 @@ fn ready_all(core: &mut Core, job: &str) {
                 ready: true,
                 reason: String::new(),
             },
-            T0,
+            now,
         )
         .expect("ack");
     }
@@ -154,9 +135,15 @@ fn counts(rank: u32, step: u64) -> Vec<pb::ExpertCounts> {
         .collect()
 }
 
-/// Both ranks report `step`, routing with `bias` (every layer, updated from the coordinator's
-/// broadcast); returns the actions of the last report.
-fn run_step(core: &mut Core, job: &str, step: u64, bias: &mut BTreeMap<u32, Vec<f32>>) {
+/// Both ranks report `step` at `now`, routing with `bias` (every layer, updated from the
+/// coordinator's broadcast, which must come).
+pub(super) fn run_step(
+    core: &mut Core,
+    job: &str,
+    step: u64,
+    bias: &mut BTreeMap<u32, Vec<f32>>,
+    now: UnixMs,
+) {
     let w = holders(core, job);
     let mut updates = Vec::new();
     for rank in 0..2u32 {
@@ -181,7 +168,7 @@ fn run_step(core: &mut Core, job: &str, step: u64, bias: &mut BTreeMap<u32, Vec<
                         ..Default::default()
                     }),
                 },
-                T0 + step,
+                now,
             )
             .expect("step report");
         for a in acts {
@@ -206,7 +193,8 @@ fn phase(core: &Core, job: &str) -> pb::JobPhase {
     core.state.jobs[job].phase()
 }
 
-fn written(job: &str, rank: u32, step: u64) -> pb::CheckpointWritten {
+/// Rank `rank`'s part of the checkpoint after `step` (one file).
+pub(super) fn written(job: &str, rank: u32, step: u64) -> pb::CheckpointWritten {
     pb::CheckpointWritten {
         job: job.into(),
         rank,
@@ -304,7 +292,7 @@ fn a_resumed_job_starts_after_its_checkpoint_with_the_saved_ledger() {
     for w in core.state.workers.values() {
         assert!(w.stored.held.iter().all(|h| h.next_step == 4));
     }
-    ready_all(&mut core, "r");
+    ready_all(&mut core, "r", T0);
     let rt = &core.runtime["r"];
     assert_eq!(rt.finished, 4);
     let ledger = rt.ledger.as_ref().expect("ledger");
@@ -321,7 +309,7 @@ fn a_resumed_job_starts_after_its_checkpoint_with_the_saved_ledger() {
         .map(|l| (l.layer, l.values.clone()))
         .collect();
     let mut expect = bias.clone();
-    run_step(&mut core, "r", 4, &mut bias);
+    run_step(&mut core, "r", 4, &mut bias, T0 + 4);
     for rank in 0..2u32 {
         for c in counts(rank, 4) {
             let b = expect.get_mut(&c.layer).unwrap();
@@ -341,10 +329,10 @@ fn a_committed_checkpoint_carries_the_ledger_after_its_step() {
     let mut core = Core::new(Config::default());
     submit(&mut core, moe_spec("c")).expect("submit");
     place(&mut core);
-    ready_all(&mut core, "c");
+    ready_all(&mut core, "c", T0);
     let mut bias: BTreeMap<u32, Vec<f32>> = (1..=4).map(|l| (l, vec![0.0; 8])).collect();
-    run_step(&mut core, "c", 0, &mut bias);
-    run_step(&mut core, "c", 1, &mut bias);
+    run_step(&mut core, "c", 0, &mut bias, T0);
+    run_step(&mut core, "c", 1, &mut bias, T0 + 1);
     let after_1 = bias.clone();
     // The ledger finishes step 2 before the checkpoint of step 1 is complete.
     let w = holders(&core, "c");
@@ -356,7 +344,7 @@ fn a_committed_checkpoint_carries_the_ledger_after_its_step() {
         T0 + 10,
     )
     .expect("part");
-    run_step(&mut core, "c", 2, &mut bias);
+    run_step(&mut core, "c", 2, &mut bias, T0 + 2);
     assert_ne!(bias, after_1, "the ledger moved on");
     let acts = core
         .handle(

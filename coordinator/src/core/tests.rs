@@ -968,7 +968,7 @@ fn a_checkpoint_is_committed_only_when_every_rank_wrote_its_part() {
 
 /// A 1F1B job over two pipeline ranks of a 4-layer model (layer 0 dense, one MTP layer): rank 0
 /// routes layer 1, rank 1 layers 2, 3 and the MTP layer 4. γ = 0.5, 8 experts.
-fn moe_spec(name: &str) -> pb::JobSpec {
+pub(super) fn moe_spec(name: &str) -> pb::JobSpec {
     pb::JobSpec {
         balance: Some(pb::BalanceSpec {
             num_hidden_layers: 4,

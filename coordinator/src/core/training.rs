@@ -591,22 +591,12 @@ impl Core {
         let Some(ledger) = rt.ledger.as_ref() else {
             return;
         };
-        if checkpoint_due {
-            rt.ledger_snapshots.insert(
-                b.step,
-                pb::LedgerSnapshot {
-                    after_step: b.step,
-                    tokens_seen: ledger.tokens_seen(),
-                    layers: b
-                        .layers
-                        .iter()
-                        .map(|(layer, values)| pb::LayerBias {
-                            layer: *layer,
-                            values: values.clone(),
-                        })
-                        .collect(),
-                },
-            );
+        // The ledger has just finished `b.step`: its snapshot is the state after that step.
+        if let Some(snapshot) = ledger
+            .to_snapshot()
+            .filter(|s| checkpoint_due && s.after_step == b.step)
+        {
+            rt.ledger_snapshots.insert(b.step, snapshot);
             while rt.ledger_snapshots.len() > MAX_LEDGER_SNAPSHOTS {
                 rt.ledger_snapshots.pop_first();
             }
