@@ -5,11 +5,9 @@
 //! budget of 0 fails the job with the original reason; a used-up budget names itself.
 
 use super::recovery::{Decision, Failure, decide, held_back, hold_ms, restartable};
-use super::resume_tests::{holders, ready_all, register, run_step, written};
+use super::resume_tests::{T0, holders, ready_all, register, run_step, submit, written};
 use super::*;
 use crate::Config;
-
-const T0: UnixMs = 3_000_000;
 
 /// The resume tests' MoE job (two pipeline ranks, 8 experts, 10 steps of 100 tokens, a
 /// checkpoint every 2 steps into `/c`) with restart budget `budget` and one spare worker.
@@ -252,19 +250,6 @@ fn a_restarted_job_is_held_back_for_two_heartbeat_intervals() {
 
 // Through the core.
 
-fn submit(core: &mut Core, spec: pb::JobSpec) {
-    core.handle(
-        Event::Submit(Box::new(Submission {
-            spec,
-            manifest_yaml: "apiVersion: moetrain/v1".into(),
-            overrides: vec![],
-            origin: "test.yaml".into(),
-        })),
-        T0,
-    )
-    .expect("submit");
-}
-
 fn assignments(acts: &[Action]) -> Vec<(String, pb::Assignment)> {
     acts.iter()
         .filter_map(|a| match a {
@@ -321,7 +306,7 @@ fn tick(core: &mut Core, now: UnixMs, except: &str) -> Vec<Action> {
 /// A job of [`spec`] placed on w0 and w1 with w2 idle, trained 5 steps with checkpoints after
 /// steps 1 and 3. Returns the bias after step 3 and the holder of rank 1.
 fn trained(core: &mut Core, budget: u32) -> (BTreeMap<u32, Vec<f32>>, String) {
-    submit(core, spec("j", budget));
+    submit(core, spec("j", budget)).expect("submit");
     register(core, 0);
     register(core, 1);
     register(core, 2);
@@ -493,7 +478,7 @@ fn a_failed_rank_restarts_until_the_budget_is_used_up() {
     let mut core = Core::new(Config::default());
     let mut job = spec("j", 1);
     job.checkpoint_dir.clear();
-    submit(&mut core, job);
+    submit(&mut core, job).expect("submit");
     for i in 0..3 {
         register(&mut core, i);
     }

@@ -6,7 +6,8 @@
 use super::*;
 use crate::Config;
 
-const T0: UnixMs = 2_000_000;
+/// The time every fixture here acts at (the recovery tests share it).
+pub(super) const T0: UnixMs = 2_000_000;
 
 /// The core tests' MoE job (1F1B over two pipeline ranks of a 4-layer model, layer 0 dense, one
 /// MTP layer: rank 0 routes layer 1, rank 1 layers 2, 3 and the MTP layer 4; γ = 0.5, 8 experts,
@@ -45,7 +46,8 @@ fn resume_at(step: u64) -> pb::ResumePoint {
     }
 }
 
-fn submit(core: &mut Core, spec: pb::JobSpec) -> Result<Vec<Action>, CoreError> {
+/// Submits `spec` at `T0`.
+pub(super) fn submit(core: &mut Core, spec: pb::JobSpec) -> Result<Vec<Action>, CoreError> {
     core.handle(
         Event::Submit(Box::new(Submission {
             spec,

@@ -1008,12 +1008,8 @@ fn bias_updates(acts: &[Action]) -> Vec<(String, pb::BiasUpdate)> {
 
 #[test]
 fn a_complete_step_sends_every_holder_the_ledgers_new_bias() {
-    let mut core = Core::new(Config::default());
-    submit(&mut core, moe_spec("m"), T0);
-    cluster(&mut core, 1, 2, T0);
-    ready_all(&mut core, "m", T0);
+    let (mut core, w) = running_moe_job();
     assert!(event_kinds(&core, "m").contains(&"BalanceStarted".to_owned()));
-    let w = holders_of(&core, "m");
     let layers = [vec![1u32], vec![2, 3, 4]];
     let zero = vec![0.0f32; 8];
     let mut bias: Vec<Vec<(u32, Vec<f32>)>> = layers
@@ -1073,11 +1069,7 @@ fn a_complete_step_sends_every_holder_the_ledgers_new_bias() {
 
 #[test]
 fn a_wrong_bias_checksum_fails_the_job_naming_the_rank() {
-    let mut core = Core::new(Config::default());
-    submit(&mut core, moe_spec("m"), T0);
-    cluster(&mut core, 1, 2, T0);
-    ready_all(&mut core, "m", T0);
-    let w = holders_of(&core, "m");
+    let (mut core, w) = running_moe_job();
     let zero = vec![0.0f32; 8];
     let good = routing::rank_checksum([(1, zero.as_slice())]);
     let r = pb::StepReport {
@@ -1126,6 +1118,25 @@ fn restart_from(state: &State, now: UnixMs) -> Core {
 
 /// `rank`'s report of `step` of MoE job `job`, routed with the ledger's current bias (the
 /// checksum a consistent holder sends), with the deterministic counts of [`counts`].
+/// Job "m" of [`moe_spec`] placed on one node of two workers and READY; returns the core and the
+/// holder of each rank.
+fn running_moe_job() -> (Core, Vec<String>) {
+    let mut core = Core::new(Config::default());
+    submit(&mut core, moe_spec("m"), T0);
+    cluster(&mut core, 1, 2, T0);
+    ready_all(&mut core, "m", T0);
+    let w = holders_of(&core, "m");
+    (core, w)
+}
+
+/// Both ranks of job "m" report `step` at `now` (see [`moe_report`]).
+fn report_step(core: &mut Core, w: &[String], step: u64, now: UnixMs) {
+    for rank in 0..2u32 {
+        let r = moe_report(core, "m", rank, step);
+        send_report(core, &w[rank as usize], r, now);
+    }
+}
+
 fn moe_report(core: &Core, job: &str, rank: u32, step: u64) -> pb::StepReport {
     let ledger = core.runtime[job]
         .ledger
@@ -1226,16 +1237,9 @@ fn each_finished_step_writes_the_ledger_snapshot_of_that_step_with_its_progress(
 
 #[test]
 fn a_restored_ledger_is_bit_exact_and_re_sent_reports_recompute_the_same_bias() {
-    let mut core = Core::new(Config::default());
-    submit(&mut core, moe_spec("m"), T0);
-    cluster(&mut core, 1, 2, T0);
-    ready_all(&mut core, "m", T0);
-    let w = holders_of(&core, "m");
+    let (mut core, w) = running_moe_job();
     for step in 0..2u64 {
-        for rank in 0..2u32 {
-            let r = moe_report(&core, "m", rank, step);
-            send_report(&mut core, &w[rank as usize], r, T0 + 1 + step);
-        }
+        report_step(&mut core, &w, step, T0 + 1 + step);
     }
     // What the store holds when the coordinator dies: step 1 finished, then the bias after
     // step 2 went out before the record of step 2 was written (the race the workers cover).
@@ -1340,11 +1344,7 @@ fn a_restored_ledger_is_bit_exact_and_re_sent_reports_recompute_the_same_bias() 
 
 #[test]
 fn a_job_restored_before_its_first_step_restarts_its_ledger_fresh() {
-    let mut core = Core::new(Config::default());
-    submit(&mut core, moe_spec("m"), T0);
-    cluster(&mut core, 1, 2, T0);
-    ready_all(&mut core, "m", T0);
-    let w = holders_of(&core, "m");
+    let (core, w) = running_moe_job();
     let mut core = restart(&core, T0 + 1);
     let l = core.runtime["m"].ledger.as_ref().expect("a fresh ledger");
     assert_eq!((l.version(), l.collecting()), (None, 0));
@@ -1360,15 +1360,8 @@ fn a_job_restored_before_its_first_step_restarts_its_ledger_fresh() {
 
 #[test]
 fn a_restored_running_moe_job_without_its_snapshot_fails_on_its_next_report() {
-    let mut core = Core::new(Config::default());
-    submit(&mut core, moe_spec("m"), T0);
-    cluster(&mut core, 1, 2, T0);
-    ready_all(&mut core, "m", T0);
-    let w = holders_of(&core, "m");
-    for rank in 0..2u32 {
-        let r = moe_report(&core, "m", rank, 0);
-        send_report(&mut core, &w[rank as usize], r, T0 + 1);
-    }
+    let (mut core, w) = running_moe_job();
+    report_step(&mut core, &w, 0, T0 + 1);
     let mut state = core.state.clone();
     state.jobs.get_mut("m").unwrap().stored.ledger = None;
     let mut core = restart_from(&state, T0 + 2);
@@ -1384,15 +1377,8 @@ fn a_restored_running_moe_job_without_its_snapshot_fails_on_its_next_report() {
 
 #[test]
 fn a_snapshot_of_another_layout_fails_the_restored_job_naming_the_mismatch() {
-    let mut core = Core::new(Config::default());
-    submit(&mut core, moe_spec("m"), T0);
-    cluster(&mut core, 1, 2, T0);
-    ready_all(&mut core, "m", T0);
-    let w = holders_of(&core, "m");
-    for rank in 0..2u32 {
-        let r = moe_report(&core, "m", rank, 0);
-        send_report(&mut core, &w[rank as usize], r, T0 + 1);
-    }
+    let (mut core, w) = running_moe_job();
+    report_step(&mut core, &w, 0, T0 + 1);
     // Layer 3's bias with 7 values where the job routes over 8 experts.
     let mut state = core.state.clone();
     let snap = state
