@@ -684,3 +684,35 @@ impl Cluster {
 pub fn phase(describe: &serde_json::Value) -> &str {
     describe["job"]["phase"].as_str().unwrap_or("")
 }
+
+/// Requires one step of a `moetrain local` summary (`got`) to equal another run's same step
+/// (`want`) bit for bit in every value training produced: losses, gradient norm, learning rate,
+/// tokens, expert loads and the bias update's γ. serde_json prints an f64 as its shortest exact
+/// round trip, so equal JSON values are equal bits. `what` names the comparison in the error.
+pub fn same_step_values(
+    what: &str,
+    got: &serde_json::Value,
+    want: &serde_json::Value,
+) -> anyhow::Result<()> {
+    let step = &got["step"];
+    if want["step"] != *step {
+        bail!("{what}: step {step} against {}", want["step"]);
+    }
+    for key in [
+        "loss",
+        "grad_norm",
+        "lr",
+        "tokens",
+        "expert_load",
+        "bias_gamma",
+    ] {
+        if got[key] != want[key] {
+            bail!(
+                "{what}: step {step}: {key} {}, against {}",
+                got[key],
+                want[key]
+            );
+        }
+    }
+    Ok(())
+}

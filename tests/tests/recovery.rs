@@ -10,7 +10,10 @@
 //! counts one restart.
 
 use anyhow::{Context as _, bail, ensure};
-use e2e::{ChildGuard, Scratch, cli_json, cli_with_timeout, moetrain_bin, repo_root, wait_for};
+use e2e::{
+    ChildGuard, Scratch, cli_json, cli_with_timeout, moetrain_bin, repo_root, same_step_values,
+    wait_for,
+};
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -224,28 +227,7 @@ fn same_steps(what: &str, got: &serde_json::Value, want: &serde_json::Value) -> 
         want_steps.len()
     );
     for (g, w) in got_steps.iter().zip(want_steps) {
-        let step = g["step"].as_u64().context("step")?;
-        ensure!(
-            w["step"] == step,
-            "{what}: step {step} against {}",
-            w["step"]
-        );
-        // Bitwise: serde_json prints f64 exactly (shortest round trip).
-        for key in [
-            "loss",
-            "grad_norm",
-            "lr",
-            "tokens",
-            "expert_load",
-            "bias_gamma",
-        ] {
-            ensure!(
-                g[key] == w[key],
-                "{what}: step {step}: {key} {} after the restart, {} uninterrupted",
-                g[key],
-                w[key]
-            );
-        }
+        same_step_values(&format!("{what}, after the restart vs uninterrupted"), g, w)?;
     }
     Ok(())
 }

@@ -15,7 +15,7 @@
 //! ledger that does not fit the job (checked by the coordinator on submit).
 
 use anyhow::{Context as _, ensure};
-use e2e::{CliOutput, Coordinator, Scratch, Store, cli_with_timeout, repo_root};
+use e2e::{CliOutput, Coordinator, Scratch, Store, cli_with_timeout, repo_root, same_step_values};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -157,23 +157,7 @@ fn a_resumed_local_run_equals_the_uninterrupted_run_bit_for_bit() -> anyhow::Res
     for g in got_steps {
         let step = g["step"].as_u64().context("step")?;
         let w = &want_steps[step as usize];
-        // Bitwise: serde_json prints f64 exactly (shortest round trip), so equal JSON values
-        // are equal bits.
-        for key in [
-            "loss",
-            "grad_norm",
-            "lr",
-            "tokens",
-            "expert_load",
-            "bias_gamma",
-        ] {
-            ensure!(
-                g[key] == w[key],
-                "step {step}: {key} {} after resuming, {} uninterrupted",
-                g[key],
-                w[key]
-            );
-        }
+        same_step_values("resumed vs uninterrupted", g, w)?;
     }
     // The final checkpoints are identical file for file, and so are their ledgers.
     ensure!(

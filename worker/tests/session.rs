@@ -613,18 +613,12 @@ async fn two_workers_train_a_pipeline_and_match_the_single_process_trainer() {
                 let step = r.step;
                 reports[r.rank as usize].push(r);
                 if reports.iter().all(|v| v.len() as u64 == step + 1) {
-                    let mut loads: std::collections::BTreeMap<u32, Vec<u64>> = Default::default();
-                    for v in &reports {
-                        let r = &v[step as usize];
-                        for c in &r.expert_counts {
-                            let e = loads
-                                .entry(c.layer)
-                                .or_insert_with(|| vec![0; c.counts.len()]);
-                            for (a, b) in e.iter_mut().zip(&c.counts) {
-                                *a += b;
-                            }
-                        }
-                    }
+                    let loads = summed_loads(
+                        &reports
+                            .iter()
+                            .map(|v| &v[step as usize])
+                            .collect::<Vec<_>>(),
+                    );
                     for (l, load) in &loads {
                         bias.entry(*l).or_insert_with(|| vec![0.0; load.len()]);
                     }
@@ -737,13 +731,8 @@ async fn two_workers_train_a_pipeline_and_match_the_single_process_trainer() {
     server.stop().await;
 }
 
-/// Both ranks' reports of one step, as the fake coordinator's ledger sums them: the bias after
-/// the step (sign rule on the summed counts, γ 1e-3 as micro.yaml's default speed is irrelevant
-/// here: the worker only has to install what it is sent).
-fn bias_after(
-    bias: &mut std::collections::BTreeMap<u32, Vec<f32>>,
-    reports: &[&pb::StepReport],
-) -> pb::BiasUpdate {
+/// Per MoE layer, the expert counts of `reports` summed (what the coordinator's ledger adds up).
+fn summed_loads(reports: &[&pb::StepReport]) -> std::collections::BTreeMap<u32, Vec<u64>> {
     let mut loads: std::collections::BTreeMap<u32, Vec<u64>> = Default::default();
     for r in reports {
         for c in &r.expert_counts {
@@ -755,6 +744,17 @@ fn bias_after(
             }
         }
     }
+    loads
+}
+
+/// Both ranks' reports of one step, as the fake coordinator's ledger sums them: the bias after
+/// the step (sign rule on the summed counts, γ 1e-3 as micro.yaml's default speed is irrelevant
+/// here: the worker only has to install what it is sent).
+fn bias_after(
+    bias: &mut std::collections::BTreeMap<u32, Vec<f32>>,
+    reports: &[&pb::StepReport],
+) -> pb::BiasUpdate {
+    let loads = summed_loads(reports);
     for (l, load) in &loads {
         let b = bias.entry(*l).or_insert_with(|| vec![0.0; load.len()]);
         routing::apply_sign_rule(b, load, 1e-3, routing::UpdateVariant::Sign);
