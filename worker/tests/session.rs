@@ -718,16 +718,7 @@ async fn two_workers_train_a_pipeline_and_match_the_single_process_trainer() {
             assert!(r.step_seconds > 0.0);
         }
     }
-    for s in stops {
-        let _ = s.send(());
-    }
-    for w in workers {
-        tokio::time::timeout(Duration::from_secs(10), w)
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-    }
+    stop_workers(stops, workers).await;
     server.stop().await;
 }
 
