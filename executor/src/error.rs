@@ -94,5 +94,60 @@ pub enum ExecError {
     },
 }
 
+/// The gradient norm of a step was not finite (a NaN or an infinity reached the gradients): the
+/// same inputs give it again, so a restart cannot help. Raised by the step end as a
+/// [`ComputeError`]; [`ExecError::is_deterministic`] finds it.
+#[derive(Debug, thiserror::Error)]
+#[error("non-finite gradient norm at step {step}")]
+pub struct NonFiniteGradNorm {
+    /// The training step.
+    pub step: u64,
+}
+
+impl ExecError {
+    /// Whether the same inputs would fail the same way again (today: a [`NonFiniteGradNorm`]);
+    /// transfers, timeouts and lost peers are not.
+    pub fn is_deterministic(&self) -> bool {
+        match self {
+            ExecError::Compute { source, .. } | ExecError::StepEnd { source, .. } => {
+                source.downcast_ref::<NonFiniteGradNorm>().is_some()
+            }
+            _ => false,
+        }
+    }
+}
+
 /// The crate's result type.
 pub type Result<T, E = ExecError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_non_finite_gradient_norm_is_deterministic() {
+        let end = |source: ComputeError| ExecError::StepEnd {
+            rank: 1,
+            step: 3,
+            source,
+        };
+        assert!(end(Box::new(NonFiniteGradNorm { step: 3 })).is_deterministic());
+        assert!(!end("an all-reduce timed out".into()).is_deterministic());
+        let compute = ExecError::Compute {
+            rank: 0,
+            step: 3,
+            index: 4,
+            op: "F0:1".into(),
+            source: Box::new(NonFiniteGradNorm { step: 3 }),
+        };
+        assert!(compute.is_deterministic());
+        let schedule = ExecError::Schedule {
+            rank: 0,
+            step: 3,
+            index: 0,
+            op: "end of step".into(),
+            reason: "leftovers".into(),
+        };
+        assert!(!schedule.is_deterministic());
+    }
+}

@@ -27,7 +27,7 @@ pub mod model_compute;
 pub mod run;
 pub mod simulated;
 
-pub use error::{ComputeError, ExecError, Result};
+pub use error::{ComputeError, ExecError, NonFiniteGradNorm, Result};
 pub use run::{
     OpTime, OpTimings, Produced, RankContext, StageCompute, StepReport, Timeouts, run_step,
     transfer_tag,

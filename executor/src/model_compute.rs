@@ -976,7 +976,7 @@ impl StageCompute for ModelCompute {
         let grad_norm = total.value().sqrt() / n_micro;
         let clip = clip_coefficient(grad_norm as f32, self.opts.adamw.max_grad_norm);
         if !clip.is_finite() {
-            return Err(err(format!("non-finite gradient norm at step {step}")));
+            return Err(Box::new(crate::error::NonFiniteGradNorm { step }));
         }
         let lr = self.opts.lr.lr(self.step);
         let inputs = StepInputs {

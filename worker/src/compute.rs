@@ -19,7 +19,8 @@
 //! stopping a rank sets its stop flag and
 //! shuts its data plane down, so a thread blocked on a peer returns at once; a thread that ends
 //! (finished, failed or stopped) gives its device's data-plane listener back, re-bound on the
-//! same address, before it exits.
+//! same address, before it exits; a failed rank's end says whether the same inputs would fail
+//! again (`RankError`, `RankFinished.deterministic`), which only the sites that know set.
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
@@ -230,7 +231,9 @@ pub(crate) fn start(
                         .cloned()
                         .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_string()))
                         .unwrap_or_else(|| "unknown panic".into());
-                    Err(format!("the compute thread panicked: {what}"))
+                    Err(RankError::from(format!(
+                        "the compute thread panicked: {what}"
+                    )))
                 });
                 let taken = plane.lock().unwrap_or_else(|p| p.into_inner()).take();
                 if let Some(p) = taken {
@@ -241,9 +244,9 @@ pub(crate) fn start(
                     info!("rank stopped by the coordinator");
                     return;
                 }
-                let (ok, reason) = match result {
-                    Ok(()) => (true, String::new()),
-                    Err(e) => (false, e),
+                let (ok, reason, deterministic) = match result {
+                    Ok(()) => (true, String::new(), false),
+                    Err(e) => (false, e.reason, e.deterministic),
                 };
                 if ok {
                     info!("rank finished every step");
@@ -256,6 +259,7 @@ pub(crate) fn start(
                         rank: a.rank,
                         ok,
                         reason,
+                        deterministic,
                     })),
                 });
             })?
@@ -395,7 +399,7 @@ struct Env<'a> {
 impl Env<'_> {
     /// Builds the shard, opens the data plane and runs every step; the error is the reason sent
     /// to the coordinator.
-    fn run(&self, listeners: &Listeners, prepared: Prepared) -> Result<(), String> {
+    fn run(&self, listeners: &Listeners, prepared: Prepared) -> Result<(), RankError> {
         let a = self.a;
         let listener = listeners.take(a.device_index, self.settings.connect_timeout)?;
         let Prepared {
@@ -432,11 +436,14 @@ impl Env<'_> {
             let started = Instant::now();
             compute
                 .load_rank_part(Path::new(&r.dir), a.rank, r.step + 1)
-                .map_err(|e| format!("resuming from {}: {e}", r.dir))?;
+                .map_err(|e| RankError::deterministic(format!("resuming from {}: {e}", r.dir)))?;
             if balanced {
-                let update = resume_bias(a, r, &moe_layers)?;
+                let update = resume_bias(a, r, &moe_layers).map_err(RankError::deterministic)?;
                 install_bias(&mut compute, &update, &moe_layers).map_err(|e| {
-                    format!("resuming from {}: the saved ledger's bias: {e}", r.dir)
+                    RankError::deterministic(format!(
+                        "resuming from {}: the saved ledger's bias: {e}",
+                        r.dir
+                    ))
                 })?;
             }
             info!(dir = %r.dir, step = r.step, seconds = started.elapsed().as_secs_f64(),
@@ -470,8 +477,13 @@ impl Env<'_> {
                     .map_err(|e| format!("step {step}: the coordinator's bias: {e}"))?;
             }
             let bias_wait_seconds = waited.elapsed().as_secs_f64();
-            let report = run_step(&ops, &ctx, &mut compute, &*plane, step, &timeouts)
-                .map_err(|e| format!("step {step}: {e}"))?;
+            let report =
+                run_step(&ops, &ctx, &mut compute, &*plane, step, &timeouts).map_err(|e| {
+                    RankError {
+                        deterministic: e.is_deterministic(),
+                        reason: format!("step {step}: {e}"),
+                    }
+                })?;
             let bias = compute.bias();
             let checksum = routing::rank_checksum(
                 moe_layers
@@ -516,7 +528,7 @@ impl Env<'_> {
         moe_layers: &[u32],
         balanced: bool,
         costs: Option<CostTable>,
-    ) -> Result<(), String> {
+    ) -> Result<(), RankError> {
         let a = self.a;
         let costs = match costs {
             Some(c) => c,
@@ -555,7 +567,10 @@ impl Env<'_> {
         let tokens = (opts.micro_batch_size * opts.seq_len * opts.micro_batches) as u64;
         let first = first_step(a);
         if let (Some(r), true) = (&a.resume, balanced) {
-            for l in resume_bias(a, r, moe_layers)?.layers {
+            for l in resume_bias(a, r, moe_layers)
+                .map_err(RankError::deterministic)?
+                .layers
+            {
                 if let Some(b) = bias.get_mut(&l.layer) {
                     *b = l.values;
                 }
@@ -651,7 +666,7 @@ impl Env<'_> {
         after: u64,
         kept: &mut BTreeMap<u64, pb::BiasUpdate>,
         plane: &TcpDataPlane,
-    ) -> Result<pb::BiasUpdate, String> {
+    ) -> Result<pb::BiasUpdate, RankError> {
         let limit = self.settings.bias_timeout;
         let started = Instant::now();
         let cap = started + limit * BIAS_WAIT_CAP;
@@ -667,7 +682,8 @@ impl Env<'_> {
                 return Err(format!(
                     "step {}: while waiting for the routing bias of step {after}, data-plane peer {peer} was lost: {why}",
                     after + 1
-                ));
+                )
+                .into());
             }
             let (up, since) = self.settings.link.state();
             let deadline = (since.max(started) + limit).min(cap);
@@ -682,18 +698,17 @@ impl Env<'_> {
                         now.saturating_duration_since(since)
                     )
                 };
-                return Err(format!(
-                    "step {}: no routing bias for step {after} {why}",
-                    after + 1
-                ));
+                return Err(
+                    format!("step {}: no routing bias for step {after} {why}", after + 1).into(),
+                );
             }
             match self
                 .control
                 .recv_timeout((deadline - now).min(Duration::from_millis(100)))
             {
-                Ok(Control::Bias(b)) => {
-                    file_bias(kept, b).map_err(|e| format!("step {}: {e}", after + 1))?
-                }
+                // A bias that contradicts the one received first would contradict it again.
+                Ok(Control::Bias(b)) => file_bias(kept, b)
+                    .map_err(|e| RankError::deterministic(format!("step {}: {e}", after + 1)))?,
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {
                     return Err("the daemon went away while waiting for the routing bias".into());
@@ -781,6 +796,41 @@ fn check_resume(
         resume_bias(a, r, moe_layers)?;
     }
     Ok(())
+}
+
+/// Why a rank failed (`RankFinished.reason`), and whether the same inputs would fail the same
+/// way again (`RankFinished.deterministic`: the coordinator then does not restart the job).
+/// Failures converted from plain messages are not deterministic; the sites that know better say
+/// so with [`RankError::deterministic`].
+#[derive(Debug)]
+pub(crate) struct RankError {
+    reason: String,
+    deterministic: bool,
+}
+
+impl RankError {
+    /// A failure a restart cannot fix.
+    fn deterministic(reason: String) -> Self {
+        Self {
+            reason,
+            deterministic: true,
+        }
+    }
+}
+
+impl From<String> for RankError {
+    fn from(reason: String) -> Self {
+        Self {
+            reason,
+            deterministic: false,
+        }
+    }
+}
+
+impl From<&str> for RankError {
+    fn from(reason: &str) -> Self {
+        reason.to_owned().into()
+    }
 }
 
 /// The bias a resumed MoE rank routes its first step with: the saved ledger's, computed after

@@ -592,6 +592,7 @@ impl Daemon {
                     rank,
                     ok: false,
                     reason: format!("worker {} shut down", self.config.worker_id),
+                    deterministic: false,
                 })),
             };
             if let Err(e) = send(&tx, msg, grace).await {
@@ -695,6 +696,7 @@ mod tests {
                 rank: 0,
                 ok: true,
                 reason: String::new(),
+                deterministic: false,
             })),
         });
         let again = r.resume(&[held("a", 0, 260)]);

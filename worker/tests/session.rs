@@ -1042,6 +1042,8 @@ async fn a_repeated_bias_that_differs_fails_the_rank_with_the_reason() {
         failed.reason
     );
     assert!(failed.reason.contains("expert 3"), "{}", failed.reason);
+    // Re-sent, it would contradict itself again: a restart cannot fix it.
+    assert!(failed.deterministic);
     stop_workers(stops, workers).await;
     server.stop().await;
 }
@@ -1068,6 +1070,8 @@ async fn a_rank_waiting_for_a_coordinator_that_stays_away_fails_with_the_reason(
     while reasons.len() < 2 {
         if let Seen::Up(Up::RankFinished(f)) = next_event(&mut seen).await {
             assert!(!f.ok);
+            // A coordinator that stays away is no reason not to try again.
+            assert!(!f.deterministic, "{}", f.reason);
             reasons.push(f.reason);
         }
     }
@@ -1116,6 +1120,7 @@ async fn a_rank_waiting_for_the_bias_fails_at_once_when_its_peer_is_lost() {
         }
     };
     assert!(!failed.ok);
+    assert!(!failed.deterministic);
     assert!(
         failed
             .reason

@@ -153,6 +153,8 @@ pub enum Event {
         ok: bool,
         /// Why it failed.
         reason: String,
+        /// The worker marked the failure deterministic (a restart cannot fix it).
+        deterministic: bool,
     },
     /// A worker reported a training step.
     StepReport {
@@ -408,7 +410,15 @@ impl Core {
                 rank,
                 ok,
                 reason,
-            } => self.rank_finished(&worker, &job, rank, ok, reason, now, &mut actions),
+                deterministic,
+            } => self.rank_finished(
+                &worker,
+                &job,
+                rank,
+                (ok, reason, deterministic),
+                now,
+                &mut actions,
+            ),
             Event::StepReport { worker, report } => {
                 self.step_report(&worker, *report, now, &mut actions)
             }
@@ -743,7 +753,7 @@ impl Core {
         actions: &mut Vec<Action>,
     ) {
         self.event(job, now, kind, why.clone(), worker, actions);
-        self.fail_or_restart(job, kind, why, now, actions);
+        self.fail_or_restart(job, kind, why, false, now, actions);
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -802,15 +812,22 @@ impl Core {
         worker: &str,
         job: &str,
         rank: u32,
-        ok: bool,
-        reason: String,
+        (ok, reason, deterministic): (bool, String, bool),
         now: UnixMs,
         actions: &mut Vec<Action>,
     ) -> Result<(), CoreError> {
         self.check_held(worker, job, rank)?;
         if !ok {
             let why = format!("rank {rank} failed on worker {worker}: {reason}");
-            self.fail_job_for_rank(job, worker, "RankFailed", why, now, actions);
+            self.event(
+                job,
+                now,
+                recovery::RANK_FAILED,
+                why.clone(),
+                worker,
+                actions,
+            );
+            self.fail_or_restart(job, recovery::RANK_FAILED, why, deterministic, now, actions);
             return Ok(());
         }
         let entry = self
@@ -984,7 +1001,7 @@ impl Core {
                     v.reason
                 );
                 self.event(&job, now, "WorkerLost", why.clone(), &v.worker, actions);
-                self.fail_or_restart(&job, recovery::WORKER_LOST, why, now, actions);
+                self.fail_or_restart(&job, recovery::WORKER_LOST, why, false, now, actions);
             }
         }
     }

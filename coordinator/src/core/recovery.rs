@@ -13,9 +13,11 @@
 //! Invariants:
 //! - A job is restarted at most `restart_budget` times (`StoredJob.restarts` counts them and is
 //!   stored with the job, so a coordinator restart does not refill the budget).
-//! - Only failures a restart can fix restart a job: a lost worker, or a rank that failed for any
-//!   reason but a deterministic one (see [`restartable`]); a deterministic failure, or any failure
-//!   once the budget is used up, fails the job with the original reason.
+//! - Only failures a restart can fix restart a job: a lost worker, or a rank that failed without
+//!   the worker marking the failure deterministic (`RankFinished.deterministic`: a checkpoint it
+//!   cannot resume from, a bias that contradicts the first, a non-finite gradient norm; see
+//!   [`restartable`]); a deterministic failure, any failure of another kind, or any failure once
+//!   the budget is used up fails the job with the original reason.
 //! - A restarted job resumes from the newest point it can: its last committed checkpoint when that
 //!   checkpoint is a valid resume point (`training::check_resume`), else the point it was
 //!   submitted with (`moetrain submit --resume`), else step 0 with a fresh ledger. Its progress
@@ -37,18 +39,6 @@ pub const RANK_FAILED: &str = "RankFailed";
 /// Event kind recorded when a job restarts.
 pub const JOB_RESTARTING: &str = "JobRestarting";
 
-/// Phrases of a rank failure that the same inputs would produce again, so a restart cannot fix
-/// it: a non-finite value in training, a checkpoint it cannot resume from, an assignment it
-/// cannot run, or a coordinator that contradicted itself.
-const DETERMINISTIC: &[&str] = &[
-    "non-finite",
-    "resuming from",
-    "the assignment's manifest",
-    "the assignment's op list",
-    "generating the",
-    "differs from the one received first",
-];
-
 /// One failure of a running job.
 #[derive(Clone, Copy, Debug)]
 pub struct Failure<'a> {
@@ -57,6 +47,8 @@ pub struct Failure<'a> {
     pub kind: &'a str,
     /// The reason as the job would fail with it (it names the worker and rank).
     pub reason: &'a str,
+    /// The worker marked the failure deterministic (same inputs, same failure).
+    pub deterministic: bool,
 }
 
 /// What to do with a job after a failure.
@@ -77,11 +69,11 @@ pub enum Decision {
     },
 }
 
-/// Whether a failure of `kind` with `reason` is one a restart can fix (see the module docs).
-pub fn restartable(kind: &str, reason: &str) -> bool {
+/// Whether a failure of `kind` is one a restart can fix (see the module docs).
+pub fn restartable(kind: &str, deterministic: bool) -> bool {
     match kind {
         WORKER_LOST => true,
-        RANK_FAILED => !DETERMINISTIC.iter().any(|p| reason.contains(p)),
+        RANK_FAILED => !deterministic,
         _ => false,
     }
 }
@@ -96,7 +88,7 @@ pub fn decide(stored: &pb::StoredJob, failure: &Failure<'_>) -> Decision {
     let budget = spec.restart_budget;
     if budget == 0
         || !matches!(phase, pb::JobPhase::Scheduled | pb::JobPhase::Running)
-        || !restartable(failure.kind, failure.reason)
+        || !restartable(failure.kind, failure.deterministic)
     {
         return fail(failure.reason.to_owned());
     }
@@ -215,20 +207,26 @@ fn tokens_at(
 }
 
 impl Core {
-    /// A failure ends the running `job` (reported as `kind`, already recorded as an event):
-    /// restarts it when [`decide`] says so, else fails it and stops every rank.
+    /// A failure ends the running `job` (reported as `kind`, already recorded as an event;
+    /// `deterministic` when the worker said the same inputs fail the same way): restarts it when
+    /// [`decide`] says so, else fails it and stops every rank.
     pub(super) fn fail_or_restart(
         &mut self,
         job: &str,
         kind: &str,
         why: String,
+        deterministic: bool,
         now: UnixMs,
         actions: &mut Vec<Action>,
     ) {
         let Some(entry) = self.state.jobs.get(job) else {
             return;
         };
-        let failure = Failure { kind, reason: &why };
+        let failure = Failure {
+            kind,
+            reason: &why,
+            deterministic,
+        };
         match decide(&entry.stored, &failure) {
             Decision::Fail { reason } => self.end_job(
                 job,

@@ -62,6 +62,7 @@ fn lost() -> Failure<'static> {
     Failure {
         kind: recovery::WORKER_LOST,
         reason: LOST,
+        deterministic: false,
     }
 }
 
@@ -155,54 +156,75 @@ fn a_used_up_or_zero_budget_fails_with_the_original_reason() {
 
 #[test]
 fn only_failures_a_restart_can_fix_restart_the_job() {
-    let restart = |kind: &str, reason: &str| {
+    let restart = |kind: &str, reason: &str, deterministic: bool| {
         matches!(
-            decide(&stored(3, 0, None), &Failure { kind, reason }),
+            decide(
+                &stored(3, 0, None),
+                &Failure {
+                    kind,
+                    reason,
+                    deterministic
+                }
+            ),
             Decision::Restart { .. }
         )
     };
-    // Lost workers and ranks that failed on a peer, a timeout, IO or a panic restart.
-    assert!(restart(recovery::WORKER_LOST, LOST));
-    assert!(restart(recovery::RANK_FAILED, PEER));
+    // Lost workers and ranks that failed on a peer, a timeout, IO or a panic restart: the worker
+    // did not mark them deterministic.
+    assert!(restart(recovery::WORKER_LOST, LOST, false));
+    assert!(restart(recovery::RANK_FAILED, PEER, false));
     for why in [
         "rank 1 failed on worker w1: step 4: no routing bias for step 3 from the coordinator within 30s",
         "rank 1 failed on worker w1: step 5: checkpoint: writing the checkpoint part /c/x: No space left on device",
         "rank 1 failed on worker w1: the compute thread panicked: index out of bounds",
         "rank 1 failed on worker w1: worker w1 shut down",
     ] {
-        assert!(restart(recovery::RANK_FAILED, why), "{why}");
+        assert!(restart(recovery::RANK_FAILED, why, false), "{why}");
     }
-    // Deterministic failures never restart, and keep their reason.
-    for (kind, why) in [
+    // A rank failure the worker marked deterministic never restarts, whatever its text, and
+    // keeps its reason; neither do the coordinator's own deterministic kinds.
+    for (kind, why, deterministic) in [
         (
             recovery::RANK_FAILED,
             "rank 0 failed on worker w0: step 6: non-finite gradient norm at step 6",
+            true,
         ),
         (
             recovery::RANK_FAILED,
-            "rank 0 failed on worker w0: resuming from /c/step-00000004: sha256 mismatch",
-        ),
-        (
-            recovery::RANK_FAILED,
-            "rank 0 failed on worker w0: the coordinator sent the routing bias after step 3 again, and it differs from the one received first: layer 1",
+            "rank 0 failed on worker w0: step 5: receiving from peer rank 1: the connection was closed",
+            true,
         ),
         (
             "BiasChecksumMismatch",
             "bias checksum mismatch at step 4: rank 1",
+            false,
         ),
         (
             "RankRejected",
             "rank 1 rejected its assignment on worker w1",
+            false,
         ),
-        ("BalanceFailed", "cannot start the routing-bias ledger"),
+        (
+            "BalanceFailed",
+            "cannot start the routing-bias ledger",
+            false,
+        ),
         (
             "BalanceLost",
             "the coordinator restarted and cannot rebuild",
+            false,
         ),
     ] {
-        assert!(!restartable(kind, why), "{kind}: {why}");
+        assert!(!restartable(kind, deterministic), "{kind}: {why}");
         assert_eq!(
-            decide(&stored(3, 0, None), &Failure { kind, reason: why }),
+            decide(
+                &stored(3, 0, None),
+                &Failure {
+                    kind,
+                    reason: why,
+                    deterministic
+                }
+            ),
             Decision::Fail { reason: why.into() }
         );
     }
@@ -443,6 +465,7 @@ fn a_lost_worker_restarts_the_job_on_the_spare_from_the_last_checkpoint() {
                 rank: rank as u32,
                 ok: true,
                 reason: String::new(),
+                deterministic: false,
             },
             lost_at + 3_000,
         )
@@ -497,6 +520,7 @@ fn a_failed_rank_restarts_until_the_budget_is_used_up() {
                     "step 1: receiving from peer rank {}: the connection was closed",
                     1 - rank
                 ),
+                deterministic: false,
             },
             now,
         )
@@ -540,5 +564,40 @@ fn a_failed_rank_restarts_until_the_budget_is_used_up() {
             .workers
             .values()
             .all(|w| w.stored.held.is_empty())
+    );
+}
+
+#[test]
+fn a_rank_failure_the_worker_marks_deterministic_fails_the_job_within_the_budget() {
+    let mut core = Core::new(Config::default());
+    submit(&mut core, spec("j", 3)).expect("submit");
+    for i in 0..3 {
+        register(&mut core, i);
+    }
+    ready_all(&mut core, "j", T0);
+    let mut bias: BTreeMap<u32, Vec<f32>> = (1..=4).map(|l| (l, vec![0.0; 8])).collect();
+    run_step(&mut core, "j", 0, &mut bias, T0);
+    let w = holders(&core, "j");
+    core.handle(
+        Event::RankFinished {
+            worker: w[1].clone(),
+            job: "j".into(),
+            rank: 1,
+            ok: false,
+            reason: "step 1: non-finite gradient norm at step 1".into(),
+            deterministic: true,
+        },
+        T0 + 10,
+    )
+    .expect("rank failed");
+    let entry = &core.state.jobs["j"];
+    assert_eq!(entry.phase(), pb::JobPhase::Failed);
+    assert_eq!(entry.stored.restarts, 0);
+    assert_eq!(
+        entry.stored.transitions.last().unwrap().reason,
+        format!(
+            "rank 1 failed on worker {}: step 1: non-finite gradient norm at step 1",
+            w[1]
+        )
     );
 }

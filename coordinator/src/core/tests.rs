@@ -671,6 +671,7 @@ fn ranks_finishing_end_the_job_succeeded_or_failed() {
                 rank,
                 ok: true,
                 reason: String::new(),
+                deterministic: false,
             },
             T0 + 1,
         )
@@ -686,6 +687,7 @@ fn ranks_finishing_end_the_job_succeeded_or_failed() {
             rank: 1,
             ok: false,
             reason: "recv timed out".into(),
+            deterministic: false,
         },
         T0 + 2,
     )
@@ -1329,6 +1331,7 @@ fn a_restored_ledger_is_bit_exact_and_re_sent_reports_recompute_the_same_bias() 
                 rank: 0,
                 ok: true,
                 reason: String::new(),
+                deterministic: false,
             },
             T0 + 24,
         )

@@ -195,6 +195,7 @@ async fn read_loop(
                 rank: f.rank,
                 ok: f.ok,
                 reason: f.reason,
+                deterministic: f.deterministic,
             },
         };
         // Any message proves the worker alive, not only heartbeats.
