@@ -496,11 +496,10 @@ fn a_budget_of_zero_fails_the_job_with_the_original_reason() {
     assert!(entry.events.iter().all(|e| e.kind != "JobRestarting"));
 }
 
-#[test]
-fn a_failed_rank_restarts_until_the_budget_is_used_up() {
+/// Job `j` of `job` placed on w0 and w1 (w2 idle), READY, with step 0 trained; returns the core
+/// and the holder of each rank.
+fn after_step_0(job: pb::JobSpec) -> (Core, Vec<String>) {
     let mut core = Core::new(Config::default());
-    let mut job = spec("j", 1);
-    job.checkpoint_dir.clear();
     submit(&mut core, job).expect("submit");
     for i in 0..3 {
         register(&mut core, i);
@@ -509,6 +508,14 @@ fn a_failed_rank_restarts_until_the_budget_is_used_up() {
     let mut bias: BTreeMap<u32, Vec<f32>> = (1..=4).map(|l| (l, vec![0.0; 8])).collect();
     run_step(&mut core, "j", 0, &mut bias, T0);
     let w = holders(&core, "j");
+    (core, w)
+}
+
+#[test]
+fn a_failed_rank_restarts_until_the_budget_is_used_up() {
+    let mut job = spec("j", 1);
+    job.checkpoint_dir.clear();
+    let (mut core, w) = after_step_0(job);
     let fail = |core: &mut Core, worker: &str, rank: u32, now| {
         core.handle(
             Event::RankFinished {
@@ -569,15 +576,7 @@ fn a_failed_rank_restarts_until_the_budget_is_used_up() {
 
 #[test]
 fn a_rank_failure_the_worker_marks_deterministic_fails_the_job_within_the_budget() {
-    let mut core = Core::new(Config::default());
-    submit(&mut core, spec("j", 3)).expect("submit");
-    for i in 0..3 {
-        register(&mut core, i);
-    }
-    ready_all(&mut core, "j", T0);
-    let mut bias: BTreeMap<u32, Vec<f32>> = (1..=4).map(|l| (l, vec![0.0; 8])).collect();
-    run_step(&mut core, "j", 0, &mut bias, T0);
-    let w = holders(&core, "j");
+    let (mut core, w) = after_step_0(spec("j", 3));
     core.handle(
         Event::RankFinished {
             worker: w[1].clone(),
